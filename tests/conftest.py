@@ -1,0 +1,5 @@
+"""Shared fixtures: real servers and clusters, started by the tests themselves."""
+
+pytest_plugins = [
+    "tests.helpers.moto_server",
+]

@@ -1,0 +1,1 @@
+"""Storage backends, chosen by URL scheme, imported lazily so that cloud SDKs load only when used."""
