@@ -2,4 +2,5 @@
 
 pytest_plugins = [
     "tests.helpers.moto_server",
+    "tests.helpers.pg",
 ]

@@ -24,6 +24,7 @@ else:  # pragma: no cover - exercised only on 3.10
     import tomli as tomllib
 
 COMPRESSIONS = ("lz4", "zstd", "gzip", "none")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -81,8 +82,11 @@ class Config:
         for name in ("push_ahead", "prefetch"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} must not be negative")
-        if self.retry_budget < 0:
-            raise UsageError("retry_budget must not be negative")
+        if not 0 <= self.retry_budget < float("inf"):
+            raise UsageError("retry_budget must be a number of seconds, 0 or more")
+        if self.log_level not in LOG_LEVELS:
+            raise UsageError(f"unknown log_level {self.log_level!r}",
+                             hint=f"choose one of {', '.join(LOG_LEVELS)}")
         if self.s3_part_size < 5 * MiB:
             raise UsageError("s3_part_size must be at least 5MiB (the S3 minimum part size)")
         if self.partition_size < 1 * MiB:
@@ -97,6 +101,22 @@ class Config:
                 " or 'store' in the config file",
             )
         return self.store
+
+    def to_environ(self) -> dict[str, str]:
+        """WALSHIP_* variables that rebuild this Config in a child process (non-defaults only)."""
+        env: dict[str, str] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value == f.default or (f.name == "private_key_files" and not value):
+                continue
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, tuple):
+                text = os.pathsep.join(str(v) for v in value)
+            else:
+                text = str(value)
+            env[_ENV_NAMES[f.name]] = text
+        return env
 
     @property
     def encrypted(self) -> bool:
@@ -142,7 +162,9 @@ def _optional_str(value: Any) -> str | None:
 
 
 def _size(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else parse_size(str(value))
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return parse_size(str(value))
 
 
 def _bool(value: Any) -> bool:

@@ -55,7 +55,7 @@ class StorageError(WalshipError):
 
 
 class StorageUnavailable(StorageError):
-    """The store could not be reached, or kept failing transiently until the retry budget ran out."""
+    """The store was unreachable, or kept failing transiently until the retry budget ran out."""
 
     exit_code = 6
     label = "storage unavailable"

@@ -1,0 +1,27 @@
+"""Entry point: `walship ...` and `python -m walship ...`.
+
+PostgreSQL starts one wal-push per WAL file, forever, so the common case of a segment that
+an earlier call already pushed ahead is answered here without importing click, boto3 or the
+pipeline: the cost is little more than starting Python.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run walship; returns the process exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    from walship.fastpath import try_fast_push
+
+    code = try_fast_push(args)
+    if code is not None:
+        return code
+    from walship.cli import run
+
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Prefetch: while PostgreSQL replays one segment, download the next ones in the background.
+
+restore_command is called once per segment, serially; a round trip to object storage per call
+caps recovery speed. After each fetch of segment N, wal-fetch records N as wanted and makes
+sure one detached prefetcher per data directory (an flock) is downloading N+1 .. N+k into
+<spool>/prefetch. A later wal-fetch of a prefetched segment checks its header and renames it
+into place. A prefetched file is written by temp file + fsync + rename after the full
+authenticated decode and digest check, so a partial file is never served; files of other
+timelines or behind the wanted position are removed; the whole directory goes when recovery
+ends (no recovery.signal or standby.signal), by the prefetcher or by the next wal-push.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from walship import log
+from walship.config import Config
+from walship.errors import IntegrityError, ObjectNotFound, WalshipError
+from walship.wal import WalKind, WalName, check_segment_size, next_segment, parse_wal_name
+
+_log = log.get("prefetch")
+
+# How long a prefetcher with nothing new to do waits for restore_command to ask again
+# before exiting; a standby that streams may not ask for minutes.
+IDLE_EXIT_SECONDS = 10.0
+POLL_SECONDS = 0.2
+
+
+def prefetch_dir(spool_dir: Path) -> Path:
+    """Where prefetched segments of this spool live."""
+    return spool_dir / "prefetch"
+
+
+def recovery_in_progress(datadir: Path) -> bool:
+    """Whether PostgreSQL in `datadir` is (about to be) in archive recovery or standby mode."""
+    return (datadir / "recovery.signal").exists() or (datadir / "standby.signal").exists()
+
+
+def cleanup_after_recovery(datadir: Path, spool_dir: Path) -> None:
+    """Remove the prefetch spool once recovery has ended. Cheap when there is nothing."""
+    pf = prefetch_dir(spool_dir)
+    if pf.exists() and not recovery_in_progress(datadir):
+        shutil.rmtree(pf, ignore_errors=True)
+
+
+def _source_matches(pf: Path, store: str) -> bool:
+    try:
+        return (pf / ".source").read_text() == store
+    except OSError:
+        return False
+
+
+def take(spool_dir: Path, store: str, wal: WalName, dest: Path) -> int | None:
+    """Move a prefetched `wal` to `dest`; None if there is none to serve (then download)."""
+    from walship.ops.wal_fetch import check_segment_content
+
+    path = prefetch_dir(spool_dir) / wal.name
+    if not path.exists() or not _source_matches(path.parent, store):
+        return None
+    try:
+        check_segment_content(path, wal)
+        size = path.stat().st_size
+        os.replace(path, dest)
+    except (OSError, IntegrityError) as exc:
+        # Never serve a doubtful file; the store is the source of truth.
+        _log.warning(f"not serving prefetched {wal}: {exc}")
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return None
+    fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return size
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _lock(pf: Path) -> int | None:
+    fd = os.open(pf / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def request(config: Config, datadir: Path, spool_dir: Path, wal: WalName,
+            segment_size: int) -> None:
+    """Record `wal` as the newest wanted segment and make sure a prefetcher is running."""
+    pf = prefetch_dir(spool_dir)
+    try:
+        pf.mkdir(parents=True, exist_ok=True)
+        store = config.require_store()
+        if not _source_matches(pf, store):
+            for entry in os.listdir(pf):
+                if not entry.startswith("."):
+                    os.unlink(pf / entry)
+            _write_atomic(pf / ".source", store)
+        _write_atomic(pf / ".want", f"{wal.name} {segment_size}")
+        fd = _lock(pf)
+        if fd is None:
+            return  # a prefetcher is running and will read the new .want
+        os.close(fd)
+        _spawn(config, datadir, spool_dir)
+    except OSError as exc:
+        # Prefetching is an optimisation: never fail a fetch because of it.
+        _log.warning(f"prefetch not started: {exc}")
+
+
+def _spawn(config: Config, datadir: Path, spool_dir: Path) -> None:
+    package_parent = str(Path(__file__).resolve().parent.parent.parent)
+    boot = (
+        f"import sys; sys.path.insert(0, {package_parent!r}); "
+        "from walship.ops.prefetch import main; sys.exit(main(sys.argv[1:]))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WALSHIP_")}
+    env.update(config.to_environ())
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        # posix_spawn with setsid: detached from PostgreSQL's process group, so the server's
+        # signals to restore_command do not reach it, and no Popen object to reap.
+        os.posix_spawn(
+            sys.executable,
+            [sys.executable, "-c", boot, str(datadir), str(spool_dir)],
+            env,
+            file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0), (os.POSIX_SPAWN_DUP2, devnull, 1)],
+            setsid=True,
+        )
+    finally:
+        os.close(devnull)
+
+
+def _window(want: WalName, segment_size: int, depth: int) -> list[WalName]:
+    names = []
+    current = want
+    for _ in range(depth):
+        current = next_segment(current, segment_size)
+        names.append(current)
+    return names
+
+
+def main(argv: list[str]) -> int:
+    """The detached prefetcher process: `python -c ... DATADIR SPOOL`."""
+    from walship.config import load
+    from walship.crypto import Keyring
+    from walship.ops.wal_fetch import download_wal
+    from walship.storage import open_storage
+
+    datadir, spool_dir = Path(argv[0]), Path(argv[1])
+    pf = prefetch_dir(spool_dir)
+    try:
+        config = load()
+        log.setup(config.log_level)
+        fd = _lock(pf)
+    except (OSError, WalshipError):
+        return 0
+    if fd is None:
+        return 0
+    storage = None
+    try:
+        keyring = Keyring.from_config(config)
+        storage = open_storage(config.require_store(), config)
+        last_want = ""
+        last_change = time.monotonic()
+        pool = ThreadPoolExecutor(max_workers=config.concurrency)
+        while True:
+            if not recovery_in_progress(datadir):
+                shutil.rmtree(pf, ignore_errors=True)
+                return 0
+            try:
+                want_text = (pf / ".want").read_text().strip()
+                name, size_text = want_text.split()
+                want = parse_wal_name(name)
+                segment_size = check_segment_size(int(size_text))
+            except (OSError, ValueError):
+                return 0
+            if want_text != last_want:
+                last_want, last_change = want_text, time.monotonic()
+            window = _window(want, segment_size, config.prefetch) if want.kind is \
+                WalKind.SEGMENT else []
+            keep = {w.name for w in window}
+            for entry in os.listdir(pf):
+                if not entry.startswith(".") and entry not in keep:
+                    with contextlib.suppress(OSError):
+                        os.unlink(pf / entry)
+            missing = [w for w in window if not (pf / w.name).exists()]
+
+            def fetch(w: WalName) -> bool:
+                try:
+                    download_wal(storage, keyring, w, pf / w.name)
+                    return True
+                except ObjectNotFound:
+                    return False
+                except WalshipError as exc:
+                    _log.warning(f"prefetch of {w} failed: {exc.message}")
+                    return False
+
+            fetched = any(list(pool.map(fetch, missing))) if missing else False
+            if not fetched:
+                if time.monotonic() - last_change > IDLE_EXIT_SECONDS:
+                    return 0
+                time.sleep(POLL_SECONDS)
+    except WalshipError as exc:
+        _log.warning(f"prefetcher stopped: {exc.message}")
+        return 0
+    finally:
+        if storage is not None:
+            storage.close()
+        os.close(fd)
+
+

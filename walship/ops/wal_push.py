@@ -1,0 +1,290 @@
+"""wal-push: archive_command. Exit 0 only when the file is durably in the store and verified.
+
+An archived name is never overwritten: the put is create-if-absent, and when the name is
+taken the stored SHA-256 of the plaintext (object metadata: one request, never a download)
+decides between an identical re-push (fine: PostgreSQL retries after crashes) and different
+bytes (refused loudly). Other files waiting in archive_status/ are pushed ahead in parallel
+and recorded in the spool, so PostgreSQL's later calls for them return at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from walship import layout, log, spool
+from walship.config import Config
+from walship.crypto import Keyring
+from walship.errors import (
+    AlreadyExists,
+    IntegrityError,
+    LocalIOError,
+    ObjectNotFound,
+    OverwriteRefused,
+    UsageError,
+    WalshipError,
+)
+from walship.ops.identity import check_identity
+from walship.ops.prefetch import cleanup_after_recovery
+from walship.pipeline import copy_stream, encode
+from walship.storage import open_storage
+from walship.storage.base import Storage
+from walship.wal import (
+    LONG_HEADER_SIZE,
+    WalKind,
+    WalName,
+    parse_segment_header,
+    parse_wal_name,
+)
+
+_log = log.get("wal_push")
+
+# Encoded objects are buffered so that a transient failure can retry the whole put. A 16 MiB
+# segment compresses to a few MiB and stays in memory; anything larger spills to disk.
+_SPOOL_IN_MEMORY = 64 * 1024 * 1024
+
+# Metadata names on every archived WAL object (see docs/layout.md).
+META_SHA256 = "sha256"
+META_SIZE = "size"
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What happened to one file."""
+
+    name: str
+    identical: bool  # the store already had these exact bytes
+    sha256: str
+    plaintext_bytes: int
+    stored_bytes: int
+    seconds: float
+
+
+def _open_wal(path: Path) -> tuple[int, os.stat_result]:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise LocalIOError(f"WAL file {path} does not exist",
+                           hint="archive_command must be 'walship wal-push %p'") from None
+    except OSError as exc:
+        raise LocalIOError(f"cannot open WAL file {path}: {exc.strerror}") from None
+    return fd, os.fstat(fd)
+
+
+class WalPusher:
+    """Pushes WAL files to one store; shared by the requested push and the push-ahead."""
+
+    def __init__(self, config: Config, storage: Storage, keyring: Keyring, spool_dir: Path):
+        self.config = config
+        self.storage = storage
+        self.keyring = keyring
+        self.spool_dir = spool_dir
+
+    def push(self, path: Path) -> tuple[PushResult, os.stat_result]:
+        """Push one file; returns the result and the stat of the bytes that were pushed."""
+        started = time.monotonic()
+        name = parse_wal_name(path.name)
+        fd, st = _open_wal(path)
+        with os.fdopen(fd, "rb") as fh:
+            if name.kind in (WalKind.SEGMENT, WalKind.PARTIAL):
+                self._check_segment(fh.read(LONG_HEADER_SIZE), name, st.st_size)
+                fh.seek(0)
+            with tempfile.SpooledTemporaryFile(_SPOOL_IN_MEMORY) as buf:
+                try:
+                    with encode(fh, self.config.compression, self.keyring) as enc:
+                        copy_stream(enc, buf)  # type: ignore[arg-type]
+                except OSError as exc:
+                    raise LocalIOError(f"cannot read WAL file {path}: {exc.strerror}") from None
+                sha256, plain = enc.plaintext_sha256, enc.plaintext_size
+                stored = buf.tell()
+                buf.seek(0)
+                identical = self._store(name, buf, sha256, plain)
+        if not identical:
+            self._verify(name, sha256, stored)
+        return (
+            PushResult(name.name, identical, sha256, plain, stored, time.monotonic() - started),
+            st,
+        )
+
+    def _check_segment(self, head: bytes, name: WalName, size: int) -> None:
+        try:
+            header = parse_segment_header(head)
+        except ValueError as exc:
+            raise IntegrityError(f"{name} is not a WAL segment: {exc}") from None
+        if name.kind is WalKind.SEGMENT and size != header.segment_size:
+            raise IntegrityError(
+                f"{name} is {size} bytes but its header says segments are "
+                f"{header.segment_size} bytes"
+            )
+        expected = name.segno(header.segment_size) * header.segment_size
+        if header.pageaddr != expected:
+            raise IntegrityError(
+                f"{name} holds WAL from another position (page address {header.pageaddr:X}, "
+                f"expected {expected:X})",
+                hint="the file's content does not match its name",
+            )
+        check_identity(self.storage, header, self.spool_dir, name.name)
+
+    def _store(self, name: WalName, buf: object, sha256: str, plain: int) -> bool:
+        """Create the object; True if an identical one was there already."""
+        key = layout.wal_key(name.name)
+        metadata = {META_SHA256: sha256, META_SIZE: str(plain)}
+        # Where the store cannot refuse an overwrite itself, look first. A race between two
+        # writers remains possible there; the digest check after the put reports it.
+        if not self.storage.capabilities.create_if_absent and self._existing_is_identical(
+            name, key, sha256, missing_ok=True
+        ):
+            return True
+        try:
+            self.storage.put(key, buf, metadata=metadata, if_absent=True)  # type: ignore[arg-type]
+        except AlreadyExists:
+            return self._existing_is_identical(name, key, sha256, missing_ok=False)
+        return False
+
+    def _existing_is_identical(self, name: WalName, key: str, sha256: str,
+                               *, missing_ok: bool) -> bool:
+        try:
+            info = self.storage.stat(key)
+        except ObjectNotFound:
+            if missing_ok:
+                return False
+            raise
+        stored = info.metadata.get(META_SHA256)
+        if stored == sha256:
+            return True
+        raise OverwriteRefused(
+            f"{name} is already archived with different contents"
+            + ("" if stored else " (the stored object has no walship digest)"),
+            hint="two clusters may be archiving to one store, or this cluster was restored "
+            "without a new timeline; the archived file was left as it was",
+        )
+
+    def _verify(self, name: WalName, sha256: str, stored: int) -> None:
+        info = self.storage.stat(layout.wal_key(name.name))
+        if info.size != stored or info.metadata.get(META_SHA256) != sha256:
+            raise IntegrityError(
+                f"{name} reads back as {info.size} bytes with digest "
+                f"{info.metadata.get(META_SHA256)!r} after writing {stored} bytes "
+                f"with digest {sha256}"
+            )
+
+
+def ready_files(archive_status: Path) -> list[str]:
+    """WAL names with a .ready file, in PostgreSQL's archiving order (histories first)."""
+    try:
+        entries = os.listdir(archive_status)
+    except OSError:
+        return []
+    names = [e[: -len(".ready")] for e in entries if e.endswith(".ready")]
+    return sorted(names, key=lambda n: (not n.endswith(".history"), n))
+
+
+def _cleanup_markers(spool_dir: Path, archive_status: Path) -> None:
+    """Drop markers PostgreSQL has moved past (its .ready file is gone): nothing accumulates."""
+    pushed = spool_dir / "pushed"
+    try:
+        markers = os.listdir(pushed)
+    except OSError:
+        return
+    for marker in markers:
+        if marker.startswith("."):
+            if marker.endswith(".tmp"):
+                _unlink_quietly(pushed / marker)
+            continue
+        if not (archive_status / f"{marker}.ready").exists():
+            _unlink_quietly(pushed / marker)
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def wal_push(config: Config, wal_path: Path) -> PushResult:
+    """Archive one WAL file (archive_command), pushing other ready files ahead."""
+    try:
+        parse_wal_name(wal_path.name)
+    except ValueError:
+        raise UsageError(f"{wal_path.name!r} is not a WAL file name",
+                         hint="archive_command must be 'walship wal-push %p'") from None
+    store = config.require_store()
+    keyring = Keyring.from_config(config)
+    wal_dir = wal_path.parent
+    spool_dir = spool.spool_dir(config, wal_dir)
+    archive_status = wal_dir / "archive_status"
+    storage = open_storage(store, config)
+    try:
+        pusher = WalPusher(config, storage, keyring, spool_dir)
+        ahead: list[str] = []
+        if config.push_ahead > 0:
+            ahead = [n for n in ready_files(archive_status) if n != wal_path.name]
+            ahead = [n for n in ahead if not _has_valid_marker(spool_dir, wal_dir / n, store)]
+            ahead = ahead[: config.push_ahead]
+        if not ahead:
+            result, _ = pusher.push(wal_path)
+        else:
+            result = _push_with_ahead(pusher, wal_path, [wal_dir / n for n in ahead], store)
+        _log.info(_describe(result))
+        _cleanup_markers(spool_dir, archive_status)
+        cleanup_after_recovery(wal_dir.parent, spool_dir)
+        return result
+    finally:
+        storage.close()
+
+
+def _has_valid_marker(spool_dir: Path, path: Path, store: str) -> bool:
+    marker = spool.read_marker(spool.marker_path(spool_dir, path.name))
+    if marker is None:
+        return False
+    try:
+        return marker.matches(store, os.stat(path))
+    except OSError:
+        return False
+
+
+def _push_with_ahead(pusher: WalPusher, wal_path: Path, ahead: list[Path],
+                     store: str) -> PushResult:
+    with ThreadPoolExecutor(max_workers=pusher.config.concurrency,
+                            thread_name_prefix="walship-push") as pool:
+        mine = pool.submit(pusher.push, wal_path)
+        others: list[tuple[Path, Future[tuple[PushResult, os.stat_result]]]] = [
+            (path, pool.submit(pusher.push, path)) for path in ahead
+        ]
+        result, _ = mine.result()
+        for path, future in others:
+            try:
+                pushed, st = future.result()
+            except WalshipError as exc:
+                # PostgreSQL will ask for this file itself and then hear the error.
+                _log.warning(f"push-ahead of {path.name} failed: {exc.message}")
+                continue
+            except OSError as exc:
+                _log.warning(f"push-ahead of {path.name} failed: {exc}")
+                continue
+            try:
+                spool.write_marker(
+                    spool.marker_path(pusher.spool_dir, path.name),
+                    spool.PushMarker.for_file(store, st, pushed.sha256),
+                )
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES):
+                    raise
+                _log.warning(f"cannot record push-ahead of {path.name}: {exc.strerror}")
+            _log.info(_describe(pushed, ahead=True))
+    return result
+
+
+def _describe(result: PushResult, *, ahead: bool = False) -> str:
+    what = "pushed ahead" if ahead else "pushed"
+    if result.identical:
+        return f"{result.name} was already archived with identical contents"
+    return (
+        f"{what} {result.name} ({result.plaintext_bytes} -> {result.stored_bytes} bytes, "
+        f"{result.seconds * 1000:.0f} ms)"
+    )

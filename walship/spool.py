@@ -1,0 +1,76 @@
+"""walship's own working directory next to the WAL: push-ahead markers and prefetched segments.
+
+    <spool>/pushed/<WAL name>     marker: this file, as it is on disk now, is in the store
+    <spool>/prefetch/<WAL name>   a segment downloaded ahead, complete and authenticated
+    <spool>/prefetch/.want        the newest name restore_command asked for
+    <spool>/prefetch/.lock        held (flock) by the one prefetcher of this data directory
+
+The default spool is <pg_wal>/walship. PostgreSQL ignores unknown directories in pg_wal, and
+base backups (walship's and pg_basebackup's) skip pg_wal's contents. PostgreSQL's own
+archive_status files are never renamed or touched.
+
+This module is imported by the wal-push fast path: standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from walship.config import Config
+
+
+def spool_dir(config: Config, wal_dir: Path) -> Path:
+    """The spool for the pg_wal directory `wal_dir` (the directory of %p)."""
+    return config.spool_dir if config.spool_dir is not None else wal_dir / "walship"
+
+
+@dataclass(frozen=True)
+class PushMarker:
+    """Proof that the WAL file with this identity on disk is durably in this store."""
+
+    store: str
+    size: int
+    mtime_ns: int
+    inode: int
+    sha256: str
+
+    @classmethod
+    def for_file(cls, store: str, st: os.stat_result, sha256: str) -> PushMarker:
+        """The marker for a file whose stat result is `st`."""
+        return cls(store, st.st_size, st.st_mtime_ns, st.st_ino, sha256)
+
+    def matches(self, store: str, st: os.stat_result) -> bool:
+        """Whether the file (as stat'ed now) is the one this marker vouches for, in `store`."""
+        return (
+            self.store == store
+            and self.size == st.st_size
+            and self.mtime_ns == st.st_mtime_ns
+            and self.inode == st.st_ino
+        )
+
+
+def marker_path(spool: Path, name: str) -> Path:
+    """Where the push marker of WAL file `name` lives."""
+    return spool / "pushed" / name
+
+
+def read_marker(path: Path) -> PushMarker | None:
+    """The marker at `path`, or None if absent or unreadable (then the slow path decides)."""
+    try:
+        with open(path, "rb") as fh:
+            data = json.loads(fh.read(4096))
+        return PushMarker(**data)
+    except (OSError, ValueError, TypeError, RecursionError):
+        return None
+
+
+def write_marker(path: Path, marker: PushMarker) -> None:
+    """Write a marker atomically. No fsync: a marker lost in a crash only costs a re-push."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(asdict(marker), fh)
+    os.replace(tmp, path)
