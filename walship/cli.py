@@ -226,6 +226,9 @@ def _command_of(args: list[str]) -> str | None:
 def run(args: list[str]) -> int:
     """Run the CLI on `args`; returns the exit code. Never raises."""
     command = _command_of(args)
+    if not args:
+        click.echo(cli.get_help(click.Context(cli, info_name="walship")))
+        return EXIT_USAGE
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         cli.main(args=args, prog_name="walship", standalone_mode=False)

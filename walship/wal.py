@@ -41,7 +41,10 @@ class WalKind(enum.Enum):
     TIMELINE_HISTORY = "history"
 
 
-@dataclass(frozen=True, order=True)
+_KIND_ORDER = {"history": 0, "segment": 1, "backup": 2, "partial": 3}
+
+
+@dataclass(frozen=True)
 class WalName:
     """A parsed WAL file name. `log` and `seg` are 0 for timeline history files."""
 
@@ -76,6 +79,13 @@ class WalName:
     def __str__(self) -> str:
         return self.name
 
+    def sort_key(self) -> tuple[int, int, int, int, int]:
+        """WAL order: by timeline and position; a segment before its .backup and .partial."""
+        return (self.timeline, self.log, self.seg, _KIND_ORDER[self.kind.value], self.offset)
+
+    def __lt__(self, other: WalName) -> bool:
+        return self.sort_key() < other.sort_key()
+
 
 def parse_wal_name(name: str) -> WalName:
     """Parse any name PostgreSQL archives; ValueError for anything else (paths included)."""
@@ -84,14 +94,14 @@ def parse_wal_name(name: str) -> WalName:
         (_PARTIAL_RE, WalKind.PARTIAL),
         (_BACKUP_RE, WalKind.BACKUP_HISTORY),
     ):
-        match = regex.match(name)
+        match = regex.fullmatch(name)
         if match:
             tli, log, seg = (int(g, 16) for g in match.groups()[:3])
             offset = int(match.group(4), 16) if kind is WalKind.BACKUP_HISTORY else 0
             if tli == 0:
                 raise ValueError(f"not a WAL file name (timeline 0): {name!r}")
             return WalName(tli, log, seg, kind, offset)
-    match = _HISTORY_RE.match(name)
+    match = _HISTORY_RE.fullmatch(name)
     if match:
         tli = int(match.group(1), 16)
         if tli == 0:
@@ -145,7 +155,7 @@ def next_segment(name: WalName, segment_size: int) -> WalName:
 
 def parse_lsn(text: str) -> int:
     """'16/B374D848' -> int. ValueError for anything else."""
-    match = _LSN_RE.match(text.strip())
+    match = _LSN_RE.fullmatch(text.strip())
     if not match:
         raise ValueError(f"not an LSN: {text!r} (expected the form 16/B374D848)")
     return (int(match.group(1), 16) << 32) | int(match.group(2), 16)
@@ -171,12 +181,12 @@ def backup_name(timeline: int, start_lsn: int, segment_size: int) -> str:
 
 def is_backup_name(name: str) -> bool:
     """Whether `name` has the form backup_name() produces."""
-    return _BACKUP_NAME_RE.match(name) is not None
+    return _BACKUP_NAME_RE.fullmatch(name) is not None
 
 
 def parse_backup_name(name: str) -> tuple[WalName, int]:
     """The backup's first segment and the start LSN's offset in it."""
-    match = _BACKUP_NAME_RE.match(name)
+    match = _BACKUP_NAME_RE.fullmatch(name)
     if not match:
         raise ValueError(f"not a backup name: {name!r} (expected base_<24 hex>_<8 hex>)")
     return parse_wal_name(match.group(1)), int(match.group(2), 16)
@@ -213,7 +223,8 @@ def parse_segment_header(head: bytes) -> SegmentHeader:
     magic, info, tli, pageaddr, _rem, sysid, seg_size, blcksz = _LONG_HEADER.unpack_from(head)
     if not info & _XLP_LONG_HEADER:
         raise ValueError("first page has no long header")
-    if magic & 0xFF00 != 0xD100:
+    # XLOG_PAGE_MAGIC: 0xD097 in PostgreSQL 10, 0xD098 in 11, 0xD1xx since 12.
+    if not 0xD097 <= magic <= 0xD1FF:
         raise ValueError(f"unknown WAL page magic {magic:#06x}")
     check_segment_size(seg_size)
     if blcksz not in (1024, 2048, 4096, 8192, 16384, 32768, 65536):

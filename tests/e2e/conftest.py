@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,3 +84,8 @@ def table_checksum(cluster: PgCluster, table: str = "pgbench_accounts",
     """A digest of a table's full contents, in key order."""
     return cluster.psql(f"select md5(coalesce(string_agg(t::text, ',' order by {key}), '')) "
                         f"from {table} t")
+
+
+def aws_env() -> dict[str, str]:
+    """The AWS_* variables a test set (s3_store_url), for the server and walship children."""
+    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}

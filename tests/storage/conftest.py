@@ -41,6 +41,9 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield f"memory://{name}/some/prefix"
         reset_memory_stores(name)
     elif kind == "file":
+        # A file store is a directory that exists (wal-push creates it on first use); reading
+        # one whose directory is missing is an outage, tested in test_local.py.
+        (tmp_path / "store").mkdir(mode=0o700)
         yield f"file://{tmp_path}/store"
     else:
         yield str(request.getfixturevalue("s3_store_url"))

@@ -17,7 +17,13 @@ from pathlib import Path
 import pytest
 
 from walship.config import Config
-from walship.errors import AccessDenied, ObjectNotFound, StorageError, UsageError
+from walship.errors import (
+    AccessDenied,
+    ObjectNotFound,
+    StorageError,
+    StorageUnavailable,
+    UsageError,
+)
 from walship.storage import open_storage
 from walship.storage.local import (
     STALE_TEMP_SECONDS,
@@ -40,9 +46,14 @@ def local(tmp_path: Path) -> LocalStorage:
 
 def test_root_is_created_private_on_first_put(local: LocalStorage) -> None:
     assert not local.root.exists()
-    assert list(local.list("")) == []  # reading never creates it
-    with pytest.raises(ObjectNotFound):
+    # A missing store directory is an unmounted or mistyped store, not an empty one: saying
+    # "absent" would make wal-fetch end recovery early. Reading never creates it.
+    with pytest.raises(StorageUnavailable):
+        list(local.list(""))
+    with pytest.raises(StorageUnavailable):
         local.stat("wal/1")
+    with pytest.raises(StorageUnavailable):
+        local.get("wal/1")
     assert not local.root.exists()
     local.put("wal/1", io.BytesIO(b"x"))
     assert stat.S_IMODE(local.root.stat().st_mode) & 0o077 == 0

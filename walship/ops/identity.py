@@ -19,7 +19,13 @@ from pathlib import Path
 
 import walship
 from walship import layout
-from walship.errors import AlreadyExists, ForeignArchive, IntegrityError, ObjectNotFound
+from walship.errors import (
+    AlreadyExists,
+    ForeignArchive,
+    IntegrityError,
+    ObjectNotFound,
+    StorageUnavailable,
+)
 from walship.storage.base import Storage
 from walship.wal import SegmentHeader
 
@@ -96,7 +102,12 @@ def check_identity(storage: Storage, header: SegmentHeader, spool: Path, name: s
     mine = ArchiveIdentity(header.system_identifier, header.segment_size)
     known = _cached(spool, storage.url)
     if known is None:
-        known = read_identity(storage)
+        try:
+            known = read_identity(storage)
+        except StorageUnavailable:
+            # A file store whose directory does not exist yet cannot be read, only created;
+            # claiming it below creates it, and in a real outage the put fails the same way.
+            known = None
         if known is None:
             record = {
                 **mine.to_json(),

@@ -27,6 +27,7 @@ from walship.errors import (
     AlreadyExists,
     ObjectNotFound,
     StorageError,
+    StorageUnavailable,
     UsageError,
     WalshipError,
 )
@@ -227,6 +228,16 @@ class LocalStorage(Storage):
 
     # -- read --------------------------------------------------------------------------
 
+    def _not_found(self, key: str) -> Exception:
+        """ObjectNotFound only when the store itself is there: a missing root is an unmounted
+        or misconfigured store, and reporting "absent" would end recovery early."""
+        if not self.root.is_dir():
+            return StorageUnavailable(
+                f"store directory {self.root} does not exist",
+                hint="is the archive file system mounted, and is the store URL right?",
+            )
+        return ObjectNotFound(f"{self.url}/{key} does not exist")
+
     def get(self, key: str, offset: int = 0) -> BinaryIO:
         """The open file, positioned at `offset`."""
         if offset < 0:
@@ -235,7 +246,7 @@ class LocalStorage(Storage):
         try:
             fh = open(path, "rb")  # noqa: SIM115 - the caller closes the stream
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            raise ObjectNotFound(f"{self.url}/{key} does not exist") from None
+            raise self._not_found(key) from None
         except OSError as exc:
             raise translate_os_error(exc, f"reading {path}") from exc
         if offset:
@@ -251,7 +262,7 @@ class LocalStorage(Storage):
                 raise FileNotFoundError(errno.ENOENT, "not a regular file", str(path))
             metadata = self._read_xattrs(path)
         except (FileNotFoundError, NotADirectoryError):
-            raise ObjectNotFound(f"{self.url}/{key} does not exist") from None
+            raise self._not_found(key) from None
         except OSError as exc:
             raise translate_os_error(exc, f"reading {path}") from exc
         return ObjectInfo(key, st.st_size, metadata, st.st_mtime)
@@ -278,6 +289,8 @@ class LocalStorage(Storage):
                 check_key(directory)
             except ValueError:
                 return  # no valid key can live under an invalid directory
+        if not self.root.is_dir():
+            raise self._not_found(prefix or ".")
         start = self.root / directory if directory else self.root
         yield from self._walk(start, directory + "/" if directory else "", prefix)
 

@@ -1,0 +1,268 @@
+"""Base backups end to end, as the operator runs them: backup-push from "cron" while the
+database is busy, a disaster, backup-fetch with a target, start PostgreSQL, compare the data
+with its state at the target. Real PostgreSQL 15, walship as archive_command and (written by
+backup-fetch itself) restore_command."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import subprocess
+import tarfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import (
+    Archive,
+    archiving_cluster,
+    aws_env,
+    make_archive,
+    switch_and_wait_archived,
+    table_checksum,
+)
+from tests.helpers.pg import PG_BIN, PG_USER, PgCluster, PgFactory, _run_as_pg, chown_pg
+from walship import layout, pipeline
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+_TEST_NUMBER = itertools.count(1)
+
+
+@pytest.fixture(autouse=True)
+def _distinct_paths(pg_factory: PgFactory) -> None:
+    """PgFactory numbers paths (and ports) from 0 in every test under one session-wide root;
+    start each test of this module elsewhere so that they do not collide."""
+    pg_factory._count = 100 * next(_TEST_NUMBER)
+
+
+def _walship(archive: Archive, *args: str, env: Mapping[str, str] | None = None,
+             config: Path | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {"WALSHIP_CONFIG": str(config or archive.config), **(env or {})}
+    return archive.install.run(*args, env=full_env)
+
+
+def _file_archive(pg_factory: PgFactory, **kwargs: Any) -> Archive:
+    archive = make_archive(pg_factory, **kwargs)
+    store = Path(archive.store_url.removeprefix("file://"))
+    store.mkdir()  # the operator creates the store; a missing one is a mount problem
+    chown_pg(store)
+    return archive
+
+
+def _push(archive: Archive, cluster: PgCluster, env: Mapping[str, str] | None = None) -> str:
+    proc = _walship(archive, "backup-push", str(cluster.datadir),
+                    env={**cluster.libpq_env, **(env or {})})
+    assert proc.returncode == 0, proc.stderr
+    name = proc.stdout.strip()
+    assert name.startswith("base_"), proc.stdout
+    print(proc.stderr)
+    return name
+
+
+def _background_pgbench(cluster: PgCluster, *args: str) -> subprocess.Popen[str]:
+    """pgbench as the postgres user, not waited for."""
+    env = {"PATH": f"{PG_BIN}:/usr/bin:/bin", **cluster.libpq_env}
+    argv = [str(PG_BIN / "pgbench"), *args]
+    if os.geteuid() == 0:
+        argv = ["runuser", "-u", PG_USER, "--", "env",
+                *(f"{k}={v}" for k, v in env.items()), *argv]
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(argv, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _restored_cluster(factory: PgFactory, dest: Path, env: Mapping[str, str] | None = None
+                      ) -> PgCluster:
+    """A cluster object over a restored directory, with its own port and no archiving."""
+    copy = factory.cluster("restored", datadir=dest)
+    copy.env.update(env or {})
+    copy.set_conf(port=str(copy.port), unix_socket_directories=f"'{copy.sockdir}'",
+                  archive_mode="off")
+    return copy
+
+
+def _history(cluster: PgCluster) -> str:
+    return cluster.psql("select count(*) || ':' || coalesce(sum(delta), 0) from pgbench_history")
+
+
+def test_pitr_to_a_time_with_a_backup_taken_under_load(pg_factory: PgFactory) -> None:
+    """Symmetric key, file store, data checksums; several partitions pushed in parallel."""
+    archive = _file_archive(pg_factory, extra={"partition_size": "4MiB", "concurrency": 2})
+    primary = archiving_cluster(pg_factory, archive, checksums=True)
+    primary.pgbench("-i", "-q", "-s", "3")
+    load = _background_pgbench(primary, "-n", "-c", "2", "-j", "2", "-T", "8")
+    try:
+        name = _push(archive, primary)
+    finally:
+        out, err = load.communicate(timeout=120)
+    assert load.returncode == 0, err
+
+    time.sleep(1.2)
+    target = primary.psql("select now()")
+    expected = table_checksum(primary)
+    expected_history = _history(primary)
+    time.sleep(1.2)
+    primary.pgbench("-n", "-c", "2", "-T", "3")
+    primary.psql("delete from pgbench_accounts where aid % 3 = 0")  # the disaster
+    switch_and_wait_archived(primary)
+    primary.stop()
+
+    listing = _walship(archive, "backup-list", "--json")
+    assert listing.returncode == 0, listing.stderr
+    backups = json.loads(listing.stdout)
+    assert [b["name"] for b in backups] == [name]
+    entry = backups[0]
+    for field in ("start_lsn", "stop_lsn", "timeline", "start_time", "stop_time", "pg_version",
+                  "data_bytes", "stored_bytes", "system_identifier", "partitions",
+                  "wal_segment_size", "label"):
+        assert field in entry
+    assert entry["partitions"] > 3 and entry["encrypted"] is True
+    assert entry["stored_bytes"] < entry["data_bytes"]
+
+    dest = pg_factory.new_path("restore")
+    fetch = _walship(archive, "backup-fetch", str(dest), "LATEST", "--target-time", target)
+    assert fetch.returncode == 0, fetch.stderr
+    assert dest.stat().st_mode & 0o777 == 0o700
+    assert (dest / "backup_label").is_file() and (dest / "recovery.signal").exists()
+    assert sorted(os.listdir(dest / "pg_wal")) == ["archive_status"]
+    assert not (dest / "postmaster.pid").exists()
+    auto = (dest / "postgresql.auto.conf").read_text()
+    assert "recovery_target_time" in auto and "wal-fetch %f %p" in auto
+
+    copy = _restored_cluster(pg_factory, dest)
+    copy.start()
+    copy.wait_recovery_done()
+    assert table_checksum(copy) == expected
+    assert _history(copy) == expected_history
+    assert copy.psql("select timeline_id from pg_control_checkpoint()") in ("1", "2")
+    _run_as_pg([str(PG_BIN / "pg_amcheck"), "--install-missing", "--heapallindexed", "-d",
+                "postgres"], env=copy.libpq_env)
+    copy.stop()
+    _run_as_pg([str(PG_BIN / "pg_checksums"), "--check", "-D", str(dest)])
+
+
+def test_s3_public_key_and_a_remapped_tablespace(pg_factory: PgFactory, s3_store_url: str
+                                                  ) -> None:
+    """The database host holds only the public key: it pushes and lists but cannot read;
+    the restore host holds the private key. A tablespace goes to a new place."""
+    env = aws_env()
+    archive = make_archive(pg_factory, store_url=s3_store_url, key="public")
+    primary = archiving_cluster(pg_factory, archive, env=env)
+    ts_dir = pg_factory.scratch_dir("tablespace")
+    primary.psql(f"create tablespace ts1 location '{ts_dir}'")
+    oid = primary.psql("select oid from pg_tablespace where spcname = 'ts1'")
+    primary.psql("create table moved (id int primary key, payload text) tablespace ts1")
+    primary.psql("insert into moved select g, md5(g::text) from generate_series(1, 20000) g")
+    primary.pgbench("-i", "-q", "-s", "1")
+    name = _push(archive, primary, env=env)
+
+    primary.psql("insert into moved select g, 'after' from generate_series(20001, 20100) g")
+    expected = table_checksum(primary, "moved", "id")
+    expected_accounts = table_checksum(primary)
+    switch_and_wait_archived(primary)
+    primary.stop()
+
+    listing = _walship(archive, "backup-list", "--json", env=env)
+    assert listing.returncode == 0, listing.stderr
+    assert [b["name"] for b in json.loads(listing.stdout)] == [name]
+    assert json.loads(listing.stdout)[0]["tablespaces"] == [int(oid)]
+    # The push side cannot restore: it has no private key.
+    denied = _walship(archive, "backup-fetch", str(pg_factory.new_path("denied")), name,
+                      env=env)
+    assert denied.returncode == 10, denied.stderr  # KeyMismatch
+    assert "no decryption key" in denied.stderr
+
+    restore = make_archive(pg_factory, store_url=s3_store_url, key="none",
+                           extra={"private_key_files": [str(archive.keydir / "walship.key")]})
+    dest = pg_factory.new_path("restore")
+    new_ts = pg_factory.new_path("tablespace-moved")
+    fetch = _walship(restore, "backup-fetch", str(dest), name, "--tablespace", f"{oid}={new_ts}",
+                     env=env)
+    assert fetch.returncode == 0, fetch.stderr
+    assert os.readlink(dest / "pg_tblspc" / oid) == str(new_ts)
+    assert (dest / "tablespace_map").read_text() == f"{oid} {new_ts}\n"
+    assert any(p.name.startswith("PG_15_") for p in new_ts.iterdir())
+    assert list(ts_dir.iterdir())  # the original is untouched (and still the old cluster's)
+
+    copy = _restored_cluster(pg_factory, dest, env)
+    copy.start()
+    copy.wait_recovery_done()
+    assert table_checksum(copy, "moved", "id") == expected
+    assert table_checksum(copy) == expected_accounts
+    assert copy.psql("select pg_tablespace_location(oid) from pg_tablespace "
+                     "where spcname = 'ts1'") == str(new_ts)
+    copy.stop()
+
+
+def _plain_archive_with_backup(pg_factory: PgFactory) -> tuple[Archive, PgCluster, str]:
+    archive = _file_archive(pg_factory, key="none")
+    primary = archiving_cluster(pg_factory, archive)
+    primary.psql("create table t as select g from generate_series(1, 1000) g")
+    return archive, primary, _push(archive, primary)
+
+
+def test_latest_refusals_and_a_hostile_store(pg_factory: PgFactory) -> None:
+    archive, primary, first = _plain_archive_with_backup(pg_factory)
+    primary.psql("insert into t select g from generate_series(1001, 2000) g")
+    second = _push(archive, primary)
+    assert second > first
+    listing = json.loads(_walship(archive, "backup-list", "--json").stdout)
+    assert [b["name"] for b in listing] == [first, second]
+    table = _walship(archive, "backup-list").stdout
+    assert first in table and second in table
+
+    # LATEST is the second; the restore has no target and recovers to the end of the archive.
+    switch_and_wait_archived(primary)
+    count = primary.psql("select count(*) from t")
+    primary.stop()
+    dest = pg_factory.new_path("latest")
+    fetch = _walship(archive, "backup-fetch", str(dest), "LATEST")
+    assert fetch.returncode == 0, fetch.stderr
+    assert (dest / "backup_label").read_text().startswith("START WAL LOCATION: ")
+    assert second[5:29] in (dest / "backup_label").read_text()
+    copy = _restored_cluster(pg_factory, dest)
+    copy.start()
+    copy.wait_recovery_done()
+    assert copy.psql("select count(*) from t") == count
+    copy.stop()
+
+    # A non-empty destination is refused (usage error), and left alone.
+    busy = pg_factory.scratch_dir("busy")
+    (busy / "precious").write_text("keep me")
+    chown_pg(busy)
+    refused = _walship(archive, "backup-fetch", str(busy), first)
+    assert refused.returncode == 2, refused.stderr
+    assert "not empty" in refused.stderr and "Traceback" not in refused.stderr
+    assert os.listdir(busy) == ["precious"]
+
+    # An unknown backup: exit 1, like wal-fetch's "does not exist".
+    missing = _walship(archive, "backup-fetch", str(pg_factory.new_path("missing")),
+                       "base_000000010000000000000099_00000028")
+    assert missing.returncode == 1, missing.stderr
+    bad_time = _walship(archive, "backup-fetch", str(pg_factory.new_path("x")), "LATEST",
+                        "--target-time", "not a time")
+    assert bad_time.returncode == 2 and "is not a time" in bad_time.stderr
+
+    # A hostile store: the first partition of `first` replaced by a tar that climbs out.
+    store = Path(archive.store_url.removeprefix("file://"))
+    key = store / layout.backup_partition_key(first, 0)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for member_name in ("../escaped", "PG_VERSION"):
+            info = tarfile.TarInfo(member_name)
+            info.size = 5
+            tar.addfile(info, io.BytesIO(b"evil\n"))
+    key.write_bytes(pipeline.encode_bytes(buf.getvalue(), "lz4", None))
+    chown_pg(key)
+    dest = pg_factory.new_path("hostile")
+    hostile = _walship(archive, "backup-fetch", str(dest), first)
+    assert hostile.returncode == 9, hostile.stderr  # IntegrityError
+    assert "unsafe member name '../escaped'" in hostile.stderr
+    assert not (dest.parent / "escaped").exists()
+    assert not dest.exists()  # the failed restore removed what it wrote
