@@ -4,6 +4,7 @@
     <spool>/prefetch/<WAL name>   a segment downloaded ahead, complete and authenticated
     <spool>/prefetch/.want        the newest name restore_command asked for
     <spool>/prefetch/.lock        held (flock) by the one prefetcher of this data directory
+    <spool>/prefetch/.log         the prefetcher's own log (its stderr), truncated at each start
 
 The default spool is <pg_wal>/walship. PostgreSQL ignores unknown directories in pg_wal, and
 base backups (walship's and pg_basebackup's) skip pg_wal's contents. PostgreSQL's own

@@ -44,9 +44,14 @@ def _archived_names(store_dir: Path) -> list[str]:
     return sorted(os.listdir(store_dir / "wal"))
 
 
-def _load(cluster: PgCluster, scale: int, seconds: int) -> None:
+def _load(cluster: PgCluster, scale: int, seconds: int, min_segments: int = 0) -> None:
+    """pgbench: an initial load, then runs of `seconds` until WAL reaches `min_segments`."""
     cluster.pgbench("-i", "-q", "-n", "-s", str(scale))
-    cluster.pgbench("-n", "-c", "2", "-j", "2", "-T", str(seconds))
+    while True:
+        cluster.pgbench("-n", "-c", "2", "-j", "2", "-T", str(seconds))
+        segno = int(cluster.psql("select pg_walfile_name(pg_current_wal_lsn())")[16:], 16)
+        if segno >= min_segments:
+            return
 
 
 def _replay_and_compare(factory: PgFactory, primary: PgCluster, archive: Archive,
@@ -70,7 +75,7 @@ def test_archive_replay_file_store_symmetric(pg_factory: PgFactory) -> None:
     archive = make_archive(pg_factory, key="symmetric")
     primary = archiving_cluster(pg_factory, archive)
     copy = _base_copy(pg_factory, primary)
-    _load(primary, scale=12, seconds=8)
+    _load(primary, scale=10, seconds=4, min_segments=31)
     store = Path(archive.store_url.removeprefix("file://"))
     _replay_and_compare(pg_factory, primary, archive, copy)
     segments = [n for n in _archived_names(store) if len(n) == 24]
@@ -96,3 +101,50 @@ def test_archive_replay_s3_public_key(pg_factory: PgFactory, s3_store_url: str) 
     restore = make_archive(pg_factory, store_url=s3_store_url, key="none",
                            extra={"private_key_files": [str(archive.keydir / "walship.key")]})
     _replay_and_compare(pg_factory, primary, restore, copy)
+
+
+def test_promoted_standby_partial_and_history(pg_factory: PgFactory) -> None:
+    """A streaming standby is promoted: it archives 00000002.history and the old timeline's
+    last segment as .partial; a restore from the archive follows the new timeline to its end."""
+    archive = make_archive(pg_factory, key="symmetric")
+    primary = archiving_cluster(pg_factory, archive)
+    copy = _base_copy(pg_factory, primary)
+    standby = _base_copy(pg_factory, primary)
+    standby.set_conf(
+        archive_mode="on", archive_command=f"'{archive.archive_command}'",
+        primary_conninfo=f"'host={primary.sockdir} port={primary.port} user=postgres'",
+        restore_command=f"'{archive.restore_command}'",
+    )
+    (standby.datadir / "standby.signal").touch()
+    chown_pg(standby.datadir)
+    standby.start()
+    primary.pgbench("-i", "-q", "-n", "-s", "2")
+    switch_and_wait_archived(primary)
+    lsn = primary.psql("select pg_current_wal_lsn()")
+    standby.wait_for(f"select pg_last_wal_replay_lsn() >= '{lsn}'", "t")
+    primary.stop()
+    _run_as_pg([str(PG_BIN / "pg_ctl"), "-D", str(standby.datadir), "promote", "-w"])
+    standby.wait_recovery_done()
+    standby.psql("create table after_promotion as select g from generate_series(1, 5000) g")
+    last = switch_and_wait_archived(standby)
+    assert last.startswith("00000002")
+    expected = table_checksum(standby, "after_promotion", "g")
+    accounts = table_checksum(standby)
+    store = Path(archive.store_url.removeprefix("file://"))
+    names = _archived_names(store)
+    assert "00000002.history" in names
+    partials = [n for n in names if n.endswith(".partial")]
+    assert partials and partials[0].startswith("00000001"), names
+    # The .partial round-trips through wal-fetch (the server never asks for it by itself).
+    work = pg_factory.scratch_dir("partial")
+    proc = archive.install.run("wal-fetch", partials[0], str(work / partials[0]),
+                               env={"WALSHIP_CONFIG": str(archive.config)}, cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    assert (work / partials[0]).stat().st_size == 16 * 1024 * 1024
+    standby.stop()
+    # Restore the base copy taken on timeline 1; recovery_target_timeline defaults to latest.
+    _start_recovery(copy, archive)
+    copy.wait_recovery_done()
+    assert table_checksum(copy, "after_promotion", "g") == expected
+    assert table_checksum(copy) == accounts
+    assert copy.psql("select timeline_id from pg_control_checkpoint()") == "3"

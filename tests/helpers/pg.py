@@ -8,6 +8,7 @@ and that is removed at the end of the session.
 
 from __future__ import annotations
 
+import itertools
 import os
 import pwd
 import shutil
@@ -25,6 +26,9 @@ import walship
 
 PG_BIN = Path(os.environ.get("WALSHIP_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
 PG_USER = "postgres"
+# Names under the scratch root are unique across every factory of the session (and the
+# sockets' ports with them).
+_COUNTER = itertools.count(1)
 
 
 def _run_as_pg(
@@ -241,12 +245,10 @@ class PgFactory:
     def __init__(self, install: WalshipInstall) -> None:
         self.install = install
         self.clusters: list[PgCluster] = []
-        self._count = 0
 
     def new_path(self, name: str) -> Path:
         """A fresh path under the scratch root that the postgres user may create."""
-        self._count += 1
-        return self.install.root / f"{name}-{self._count}"
+        return self.install.root / f"{name}-{next(_COUNTER)}"
 
     def scratch_dir(self, name: str) -> Path:
         """A fresh directory owned by postgres (for a file store, key files, configs)."""
@@ -257,13 +259,13 @@ class PgFactory:
 
     def cluster(self, name: str = "pg", *, datadir: Path | None = None) -> PgCluster:
         """A cluster object (not yet initdb'd) with its own port and socket directory."""
-        self._count += 1
-        datadir = datadir or self.install.root / f"{name}-{self._count}"
-        sockdir = self.install.root / f"sock-{self._count}"
+        count = next(_COUNTER)
+        datadir = datadir or self.install.root / f"{name}-{count}"
+        sockdir = self.install.root / f"sock-{count}"
         sockdir.mkdir(exist_ok=True)
         chown_pg(sockdir)
-        cluster = PgCluster(datadir=datadir, sockdir=sockdir, port=20000 + os.getpid() % 10000
-                            + self._count)
+        cluster = PgCluster(datadir=datadir, sockdir=sockdir, port=20000 + (os.getpid() * 7
+                            + count) % 20000)
         self.clusters.append(cluster)
         return cluster
 

@@ -131,6 +131,10 @@ def _spawn(config: Config, datadir: Path, spool_dir: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WALSHIP_")}
     env.update(config.to_environ())
     devnull = os.open(os.devnull, os.O_RDWR)
+    # Not the inherited stderr: whoever captures restore_command's output would wait for the
+    # prefetcher to exit. Its own log stays small: it is truncated at each start.
+    logfd = os.open(prefetch_dir(spool_dir) / ".log",
+                    os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         # posix_spawn with setsid: detached from PostgreSQL's process group, so the server's
         # signals to restore_command do not reach it, and no Popen object to reap.
@@ -138,11 +142,13 @@ def _spawn(config: Config, datadir: Path, spool_dir: Path) -> None:
             sys.executable,
             [sys.executable, "-c", boot, str(datadir), str(spool_dir)],
             env,
-            file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0), (os.POSIX_SPAWN_DUP2, devnull, 1)],
+            file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0), (os.POSIX_SPAWN_DUP2, devnull, 1),
+                          (os.POSIX_SPAWN_DUP2, logfd, 2)],
             setsid=True,
         )
     finally:
         os.close(devnull)
+        os.close(logfd)
 
 
 def _window(want: WalName, segment_size: int, depth: int) -> list[WalName]:
