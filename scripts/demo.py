@@ -87,7 +87,8 @@ def main() -> int:
         primary.psql("drop table pgbench_accounts cascade")
         primary.psql("select pg_switch_wal()")
         name = primary.psql("select pg_walfile_name(pg_current_wal_lsn())")
-        primary.wait_for(f"select last_archived_wal >= '{name}' from pg_stat_archiver", "t")
+        primary.wait_for(f"select last_archived_wal >= '{name}' from pg_stat_archiver",  # noqa: S608
+                         "t")
         detail("the DROP is archived too: replaying everything would replay the damage")
 
         say("Disaster, part 2: the server and its data directory are gone")

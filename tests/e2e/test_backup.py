@@ -6,13 +6,13 @@ backup-fetch itself) restore_command."""
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import os
 import subprocess
 import tarfile
 import time
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +30,6 @@ from tests.helpers.pg import PG_BIN, PG_USER, PgCluster, PgFactory, _run_as_pg, 
 from walship import layout, pipeline
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-_TEST_NUMBER = itertools.count(1)
-
-
-@pytest.fixture(autouse=True)
-def _distinct_paths(pg_factory: PgFactory) -> None:
-    """PgFactory numbers paths (and ports) from 0 in every test under one session-wide root;
-    start each test of this module elsewhere so that they do not collide."""
-    pg_factory._count = 100 * next(_TEST_NUMBER)
 
 
 def _walship(archive: Archive, *args: str, env: Mapping[str, str] | None = None,
@@ -61,7 +52,6 @@ def _push(archive: Archive, cluster: PgCluster, env: Mapping[str, str] | None = 
     assert proc.returncode == 0, proc.stderr
     name = proc.stdout.strip()
     assert name.startswith("base_"), proc.stdout
-    print(proc.stderr)
     return name
 
 
@@ -100,7 +90,7 @@ def test_pitr_to_a_time_with_a_backup_taken_under_load(pg_factory: PgFactory) ->
     try:
         name = _push(archive, primary)
     finally:
-        out, err = load.communicate(timeout=120)
+        _out, err = load.communicate(timeout=120)
     assert load.returncode == 0, err
 
     time.sleep(1.2)
@@ -217,6 +207,11 @@ def test_latest_refusals_and_a_hostile_store(pg_factory: PgFactory) -> None:
     table = _walship(archive, "backup-list").stdout
     assert first in table and second in table
 
+    # backup-push refuses a directory that is not the server's.
+    other = pg_factory.scratch_dir("not-pgdata")
+    wrong = _walship(archive, "backup-push", str(other), env=primary.libpq_env)
+    assert wrong.returncode == 13 and "not a postgresql data directory" in wrong.stderr
+
     # LATEST is the second; the restore has no target and recovers to the end of the archive.
     switch_and_wait_archived(primary)
     count = primary.psql("select count(*) from t")
@@ -266,3 +261,36 @@ def test_latest_refusals_and_a_hostile_store(pg_factory: PgFactory) -> None:
     assert "unsafe member name '../escaped'" in hostile.stderr
     assert not (dest.parent / "escaped").exists()
     assert not dest.exists()  # the failed restore removed what it wrote
+
+
+def test_backup_push_refuses_a_server_whose_archiving_fails(pg_factory: PgFactory) -> None:
+    archive = _file_archive(pg_factory, key="none")
+    cluster = pg_factory.cluster()
+    cluster.initdb()
+    cluster.set_conf(archive_mode="on", archive_command="'/bin/false'")
+    cluster.start()
+    cluster.psql("create table t as select 1")
+    cluster.psql("select pg_switch_wal()")
+    cluster.wait_for("select failed_count > 0 from pg_stat_archiver", "t")
+    refused = _walship(archive, "backup-push", str(cluster.datadir), env=cluster.libpq_env)
+    assert refused.returncode == 13, refused.stderr
+    assert "archiving is failing" in refused.stderr
+    assert cluster.psql("select count(*) from pg_stat_activity where backend_type = "
+                        "'client backend' and application_name like 'walship%'") == "0"
+
+    # Archiving works again, but another live walship holds the store's backup lock.
+    cluster.set_conf(archive_command=f"'{archive.archive_command}'")
+    cluster.psql("select pg_reload_conf()")
+    switch_and_wait_archived(cluster)
+    lock = Path(archive.store_url.removeprefix("file://")) / layout.lock_key("backup")
+    lock.parent.mkdir(exist_ok=True)
+    now = datetime.now(timezone.utc).isoformat()
+    lock.write_text(json.dumps({"name": "backup", "token": "x", "command": "backup-push",
+                                "host": "db2", "machine": "", "pid": 4242, "acquired": now,
+                                "heartbeat": now}))
+    chown_pg(lock.parent)
+    locked = _walship(archive, "backup-push", str(cluster.datadir), env=cluster.libpq_env)
+    assert locked.returncode == 14, locked.stderr
+    assert "locked by backup-push (pid 4242 on db2)" in locked.stderr
+    lock.unlink()
+    _push(archive, cluster)

@@ -1,0 +1,362 @@
+"""Recovery targets, the settings backup-fetch writes, choosing the backup for a target, and
+the store lock that keeps backup-push alone."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from walship import layout, postgres
+from walship.config import Config
+from walship.errors import IntegrityError, LockHeld, ObjectNotFound, PostgresError, UsageError
+from walship.ops import locks
+from walship.ops.backup_fetch import rewrite_tablespace_map
+from walship.ops.backup_list import (
+    BackupInfo,
+    format_table,
+    list_backups,
+    resolve_backup,
+    sentinel_bytes,
+)
+from walship.ops.recovery import RecoveryTarget, quote, recovery_settings, write_recovery_config
+from walship.storage import open_storage
+from walship.storage.base import Storage
+from walship.storage.memory import reset_memory_stores
+
+UTC = timezone.utc
+
+
+# --- targets ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("2026-11-21 06:00:00+00", datetime(2026, 11, 21, 6, tzinfo=UTC)),
+    ("2026-11-21T06:00:00Z", datetime(2026, 11, 21, 6, tzinfo=UTC)),
+    ("2026-11-21 06:00:00 UTC", datetime(2026, 11, 21, 6, tzinfo=UTC)),
+    ("2026-11-21 07:30:00+01:30", datetime(2026, 11, 21, 6, tzinfo=UTC)),
+    ("2026-11-21 01:00:00-0500", datetime(2026, 11, 21, 6, tzinfo=UTC)),
+    ("2026-11-21 06:00:00.123456789+00:00", datetime(2026, 11, 21, 6, 0, 0, 123456, tzinfo=UTC)),
+    ("2026-11-21 06:00+00", datetime(2026, 11, 21, 6, tzinfo=UTC)),
+])
+def test_time_targets(text: str, expected: datetime) -> None:
+    target = RecoveryTarget.parse("time", text)
+    assert target.time == expected
+    assert target.time is not None and target.time.tzinfo is not None
+    # Written with the offset explicit, in a form PostgreSQL reads.
+    assert datetime.fromisoformat(target.value) == expected
+
+
+def test_time_without_offset_is_local_time() -> None:
+    target = RecoveryTarget.parse("time", "2026-11-21 06:00:00")
+    assert target.time == datetime(2026, 11, 21, 6).astimezone()
+    assert "+" in target.value or "-" in target.value[10:]
+
+
+@pytest.mark.parametrize("kind,value,message", [
+    ("time", "yesterday", "'yesterday' is not a time"),
+    ("time", "2026-13-01 00:00:00", "is not a time"),
+    ("time", "2026-11-21 06:00:00+25", "impossible time zone"),
+    ("lsn", "0/ZZ", "'0/ZZ' is not an LSN"),
+    ("lsn", "3000060", "is not an LSN"),
+    ("xid", "-5", "is not a transaction id"),
+    ("xid", "abc", "is not a transaction id"),
+    ("name", "", "empty"),
+    ("name", "x" * 64, "is not a restore point name"),
+    ("epoch", "1", "unknown recovery target kind"),
+])
+def test_bad_targets_are_one_line_usage_errors(kind: str, value: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message) as info:
+        RecoveryTarget.parse(kind, value)
+    assert "\n" not in info.value.message
+    assert info.value.exit_code == 2
+
+
+def test_other_targets_normalise() -> None:
+    assert RecoveryTarget.parse("lsn", "0/3000060").value == "0/3000060"
+    assert RecoveryTarget.parse("lsn", "a/00ff").value == "A/FF"
+    assert RecoveryTarget.parse("lsn", "a/00ff").lsn == (10 << 32) | 0xFF
+    assert RecoveryTarget.parse("xid", "0771").value == "771"
+    assert RecoveryTarget.parse("name", "before upgrade").value == "before upgrade"
+    assert RecoveryTarget.parse("immediate", "immediate").settings() == {
+        "recovery_target": "immediate"}
+    assert RecoveryTarget.parse("name", "x").time is None
+
+
+def test_quote() -> None:
+    assert quote("plain") == "'plain'"
+    assert quote("it's") == "'it''s'"
+    assert quote("C:\\dir") == "'C:\\\\dir'"
+    with pytest.raises(UsageError):
+        quote("two\nlines")
+
+
+def test_recovery_settings() -> None:
+    cmd = "WALSHIP_CONFIG=/etc/w.toml /usr/bin/walship wal-fetch %f %p"
+    assert recovery_settings(cmd, None) == {
+        "restore_command": cmd, "recovery_target_timeline": "latest"}
+    assert recovery_settings(cmd, RecoveryTarget.parse("lsn", "0/5000000")) == {
+        "restore_command": cmd, "recovery_target_lsn": "0/5000000",
+        "recovery_target_action": "promote", "recovery_target_timeline": "latest"}
+
+
+def _conf(path: Path) -> dict[str, str]:
+    """Active settings of a config file, last one wins, values unquoted."""
+    result = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.partition("=")
+        value = value.strip()
+        assert value.startswith("'") and value.endswith("'")
+        result[key.strip()] = value[1:-1].replace("''", "'").replace("\\\\", "\\")
+    return result
+
+
+def test_write_recovery_config_replaces_leftovers(tmp_path: Path) -> None:
+    auto = tmp_path / "postgresql.auto.conf"
+    auto.write_text("# Do not edit this file manually!\nwork_mem = '8MB'\n"
+                    "restore_command = 'old command'\nrecovery_target_time = '2020-01-01'\n"
+                    "recovery_target_action = 'pause'")
+    target = RecoveryTarget.parse("xid", "1234")
+    written = write_recovery_config(tmp_path, "walship wal-fetch %f %p", target,
+                                    pg_version_num=150006, comment=" base_x")
+    assert written == auto
+    assert _conf(auto) == {
+        "work_mem": "8MB", "restore_command": "walship wal-fetch %f %p",
+        "recovery_target_xid": "1234", "recovery_target_action": "promote",
+        "recovery_target_timeline": "latest"}
+    text = auto.read_text()
+    assert "# recovery_target_time = '2020-01-01'" in text
+    assert (tmp_path / "recovery.signal").exists()
+    assert not (tmp_path / "recovery.conf").exists()
+    assert auto.stat().st_mode & 0o777 == 0o600
+
+
+def test_write_recovery_config_without_target_or_auto_conf(tmp_path: Path) -> None:
+    write_recovery_config(tmp_path, "w wal-fetch %f %p", None, pg_version_num=160000)
+    assert _conf(tmp_path / "postgresql.auto.conf") == {
+        "restore_command": "w wal-fetch %f %p", "recovery_target_timeline": "latest"}
+    assert (tmp_path / "recovery.signal").exists()
+
+
+def test_write_recovery_config_before_12_uses_recovery_conf(tmp_path: Path) -> None:
+    (tmp_path / "postgresql.auto.conf").write_text("work_mem = '8MB'\n")
+    write_recovery_config(tmp_path, "w wal-fetch %f %p", RecoveryTarget.parse("name", "it's"),
+                          pg_version_num=110020)
+    assert _conf(tmp_path / "recovery.conf")["recovery_target_name"] == "it's"
+    assert (tmp_path / "postgresql.auto.conf").read_text() == "work_mem = '8MB'\n"
+    assert not (tmp_path / "recovery.signal").exists()
+
+
+def test_rewrite_tablespace_map() -> None:
+    original = "16400 /srv/ts1\n16401 /srv/odd\\\npath\n16402 /srv/ts3\n"
+    rewritten = rewrite_tablespace_map(original, {16401: Path("/new/a\\b"),
+                                                  16402: Path("/new/ts3")})
+    assert rewritten == "16400 /srv/ts1\n16401 /new/a\\\\b\n16402 /new/ts3\n"
+    assert rewrite_tablespace_map(original, {}) == original
+
+
+# --- choosing a backup ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store() -> Iterator[Storage]:
+    reset_memory_stores()
+    storage = open_storage("memory://recovery-tests", Config())
+    yield storage
+    storage.close()
+    reset_memory_stores()
+
+
+def _info(timeline: int, start: int, stop_time: datetime) -> BackupInfo:
+    from walship.wal import backup_name
+
+    size = 16 * 1024 * 1024
+    return BackupInfo(
+        name=backup_name(timeline, start, size), start_lsn=start, stop_lsn=start + 1000,
+        timeline=timeline, start_time=stop_time - timedelta(minutes=1), stop_time=stop_time,
+        pg_version="15.6", pg_version_num=150006, system_identifier=7300000000000000001,
+        wal_segment_size=size, label="walship test", data_bytes=100, stored_bytes=50,
+        partitions=1, files=3, compression="lz4", encrypted=False)
+
+
+def _publish(storage: Storage, info: BackupInfo) -> None:
+    storage.put(layout.sentinel_key(info.name), io.BytesIO(sentinel_bytes(info)))
+
+
+def test_backup_info_json_roundtrip() -> None:
+    info = _info(1, 0x2000028, datetime(2026, 11, 21, 6, tzinfo=UTC))
+    data = info.to_json()
+    assert data["start_lsn"] == "0/2000028"
+    assert data["stop_lsn"] == "0/2000410"
+    assert data["system_identifier"] == "7300000000000000001"
+    assert data["start_time"] == "2026-11-21T05:59:00+00:00"
+    assert info.history_file == "000000010000000000000002.00000028.backup"
+    assert info.stop_segment == "000000010000000000000002"
+    assert BackupInfo.from_json(json.loads(json.dumps(data))) == info
+    with pytest.raises(IntegrityError):
+        BackupInfo.from_json({**data, "start_time": "2026-11-21 06:00:00"})
+
+
+def test_list_and_latest(store: Storage) -> None:
+    t0 = datetime(2026, 11, 21, 6, tzinfo=UTC)
+    # Timeline 2 started below timeline 1's LSNs (a PITR into the past): still newer.
+    b1 = _info(1, 0x2000028, t0)
+    b2 = _info(1, 0x9000028, t0 + timedelta(hours=1))
+    b3 = _info(2, 0x5000060, t0 + timedelta(hours=2))
+    for info in (b3, b1, b2):
+        _publish(store, info)
+    # An unfinished backup (no sentinel) and a damaged sentinel are not listed.
+    store.put(layout.backup_partition_key("base_000000010000000000000010_00000028", 0),
+              io.BytesIO(b"x"))
+    store.put(layout.sentinel_key("base_000000010000000000000011_00000028"),
+              io.BytesIO(b"{not json"))
+    assert [b.name for b in list_backups(store)] == [b1.name, b2.name, b3.name]
+    assert resolve_backup(store, "LATEST") == b3
+    assert resolve_backup(store, "latest", t0 + timedelta(minutes=90)) == b2
+    assert resolve_backup(store, "LATEST", t0 + timedelta(hours=1)) == b1  # must end before T
+    assert resolve_backup(store, "LATEST", before_lsn=0x9000028 + 1000) == b3
+    assert resolve_backup(store, b1.name) == b1
+    with pytest.raises(ObjectNotFound, match="finished before"):
+        resolve_backup(store, "LATEST", t0)
+    with pytest.raises(ObjectNotFound, match="does not exist"):
+        resolve_backup(store, "base_000000010000000000000099_00000028")
+    with pytest.raises(ObjectNotFound, match="not a backup name"):
+        resolve_backup(store, "../../etc")
+    table = format_table(list_backups(store))
+    assert table.splitlines()[0].split()[0] == "name"
+    assert b3.name in table.splitlines()[-1]
+
+
+def test_latest_in_an_empty_store(store: Storage) -> None:
+    with pytest.raises(ObjectNotFound, match="no complete backups"):
+        resolve_backup(store, "LATEST")
+    assert format_table([]) == "no backups"
+
+
+def test_a_sentinel_under_the_wrong_name_is_refused(store: Storage) -> None:
+    info = _info(1, 0x2000028, datetime(2026, 11, 21, 6, tzinfo=UTC))
+    other = "base_000000010000000000000003_00000028"
+    store.put(layout.sentinel_key(other), io.BytesIO(sentinel_bytes(info)))
+    with pytest.raises(IntegrityError, match="describes backup"):
+        resolve_backup(store, other)
+
+
+# --- the store lock ------------------------------------------------------------------------------
+
+
+def test_lock_excludes_a_second_holder_and_is_released(store: Storage) -> None:
+    with locks.store_lock(store, "backup", "backup-push") as held:
+        with pytest.raises(LockHeld, match="locked by backup-push") as info:
+            locks.store_lock(store, "backup", "delete").acquire()
+        assert info.value.hint and layout.lock_key("backup") in info.value.hint
+        current = locks.read_lock(store, "backup")
+        assert current is not None and current.pid == os.getpid()
+        held.check()
+    assert locks.read_lock(store, "backup") is None
+
+
+def _plant(store: Storage, **changes: object) -> None:
+    now = datetime.now(UTC)
+    body = {"name": "backup", "token": "other", "command": "backup-push", "host": "elsewhere",
+            "machine": "", "pid": 1, "acquired": now.isoformat(), "heartbeat": now.isoformat()}
+    body.update(changes)
+    store.put(layout.lock_key("backup"), io.BytesIO(json.dumps(body).encode()))
+
+
+def test_stale_locks_are_broken(store: Storage) -> None:
+    # Same machine, process gone.
+    proc_gone = 2**22 + 12345
+    _plant(store, host=__import__("socket").gethostname(), machine=locks._machine_id(),
+           pid=proc_gone)
+    with locks.store_lock(store, "backup", "backup-push"):
+        pass
+    # Another host whose heartbeat stopped long ago.
+    old = (datetime.now(UTC) - timedelta(hours=2)).isoformat()
+    _plant(store, heartbeat=old)
+    with locks.store_lock(store, "backup", "backup-push"):
+        pass
+    # Another host, alive: held.
+    _plant(store)
+    with pytest.raises(LockHeld):
+        locks.store_lock(store, "backup", "backup-push").acquire()
+
+
+def test_a_lost_lock_is_noticed(store: Storage) -> None:
+    lock = locks.store_lock(store, "backup", "backup-push", heartbeat=3600)
+    lock.acquire()
+    try:
+        _plant(store)  # someone broke it and took it
+        with pytest.raises(LockHeld, match="lost the lock"):
+            lock.check()
+    finally:
+        lock.release()
+    # Release left the other holder's lock alone.
+    current = locks.read_lock(store, "backup")
+    assert current is not None and current.token == "other"
+
+
+# --- what backup-push refuses before it starts -------------------------------------------------
+
+
+def _server(**changes: object) -> postgres.ServerInfo:
+    base: dict[str, object] = dict(
+        version_num=150006, version="15.6", data_directory=Path("/nonexistent"),
+        in_recovery=False, archive_mode="on", archive_command="walship wal-push %p",
+        archive_library="", system_identifier=1, catalog_version=202209061,
+        wal_segment_size=16 * 1024 * 1024)
+    base.update(changes)
+    return postgres.ServerInfo(**base)  # type: ignore[arg-type]
+
+
+def _archiver(failed: datetime | None = None, archived: datetime | None = None
+              ) -> postgres.ArchiverStatus:
+    return postgres.ArchiverStatus(1 if archived else 0, "000000010000000000000001",
+                                   archived, 1 if failed else 0, "000000010000000000000002",
+                                   failed)
+
+
+@pytest.mark.parametrize("server,message", [
+    (_server(archive_mode="off"), "archive_mode is off"),
+    (_server(archive_command=""), "archive_command is empty"),
+    (_server(archive_command="(disabled)"), "archive_command is empty"),
+    (_server(archive_library="basic_archive"), "archive_library"),
+    (_server(in_recovery=True), "in recovery"),
+])
+def test_backup_push_refuses_a_server_that_does_not_archive(server: postgres.ServerInfo,
+                                                            message: str) -> None:
+    with pytest.raises(PostgresError, match=message) as info:
+        postgres.check_archiving(server, _archiver())
+    assert info.value.hint
+
+
+def test_backup_push_refuses_failing_archiving() -> None:
+    t = datetime(2026, 11, 21, 6, tzinfo=UTC)
+    postgres.check_archiving(_server(), _archiver())
+    postgres.check_archiving(_server(), _archiver(failed=t, archived=t + timedelta(seconds=1)))
+    with pytest.raises(PostgresError, match="archiving is failing"):
+        postgres.check_archiving(_server(), _archiver(failed=t + timedelta(seconds=1),
+                                                      archived=t))
+    with pytest.raises(PostgresError, match="archiving is failing"):
+        postgres.check_archiving(_server(), _archiver(failed=t))
+    assert _server().tablespace_version_dir == "PG_15_202209061"
+
+
+def test_backup_push_refuses_a_foreign_pgdata(tmp_path: Path) -> None:
+    with pytest.raises(PostgresError, match="not a postgresql data directory"):
+        postgres.check_pgdata(tmp_path, _server(data_directory=tmp_path))
+    (tmp_path / "PG_VERSION").write_text("15\n")
+    (tmp_path / "global").mkdir()
+    (tmp_path / "global" / "pg_control").write_bytes((7).to_bytes(8, "little") + bytes(100))
+    with pytest.raises(PostgresError, match="is not the data directory"):
+        postgres.check_pgdata(tmp_path, _server(data_directory=tmp_path / "other"))
+    with pytest.raises(PostgresError, match="belongs to cluster 7"):
+        postgres.check_pgdata(tmp_path, _server(data_directory=tmp_path, system_identifier=8))
+    postgres.check_pgdata(tmp_path, _server(data_directory=tmp_path, system_identifier=7))
