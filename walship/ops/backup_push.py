@@ -44,9 +44,9 @@ import walship
 from walship import layout, log, pipeline, postgres, tarstream, wal
 from walship.config import Config
 from walship.crypto import Keyring
-from walship.errors import ForeignArchive, ObjectNotFound, PostgresError, WalshipError
+from walship.errors import ObjectNotFound, PostgresError, WalshipError
 from walship.ops.backup_list import BackupInfo, sentinel_bytes
-from walship.ops.identity import read_identity
+from walship.ops.identity import ArchiveIdentity, ensure_same_cluster, read_identity
 from walship.ops.locks import StoreLock, store_lock
 from walship.storage import open_storage
 from walship.storage.base import Storage
@@ -177,19 +177,10 @@ def _check_identity(storage: Storage, info: postgres.ServerInfo) -> None:
     identity = read_identity(storage)
     if identity is None:
         return  # nothing archived yet: the first wal-push claims the store
-    if info.system_identifier is not None and \
-            identity.system_identifier != info.system_identifier:
-        raise ForeignArchive(
-            f"{storage.url} archives cluster {identity.system_identifier}, but this server is "
-            f"cluster {info.system_identifier}",
-            hint="give every cluster its own store prefix",
-        )
-    if identity.wal_segment_size != info.wal_segment_size:
-        raise ForeignArchive(
-            f"{storage.url} archives WAL segments of {identity.wal_segment_size} bytes, but "
-            f"this server's are {info.wal_segment_size}",
-            hint="give every cluster its own store prefix",
-        )
+    sysid = info.system_identifier
+    mine = ArchiveIdentity(identity.system_identifier if sysid is None else sysid,
+                           info.wal_segment_size)
+    ensure_same_cluster(identity, mine, "this server", storage.url)
 
 
 _LABEL_START_RE = re.compile(r"^START WAL LOCATION: ([0-9A-Fa-f]+/[0-9A-Fa-f]+)", re.M)

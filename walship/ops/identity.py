@@ -123,16 +123,22 @@ def check_identity(storage: Storage, header: SegmentHeader, spool: Path, name: s
                 if known is None:
                     raise IntegrityError(f"{layout.IDENTITY_KEY} vanished while claiming "
                                          "the store") from None
+    ensure_same_cluster(known, mine, name, storage.url)
+    _remember(spool, storage.url, known)
+
+
+def ensure_same_cluster(known: ArchiveIdentity, mine: ArchiveIdentity, what: str,
+                        url: str) -> None:
+    """ForeignArchive unless `what` (a WAL file, a server) is of the cluster the store archives."""
     if known.system_identifier != mine.system_identifier:
         raise ForeignArchive(
-            f"{name} belongs to cluster {mine.system_identifier} but {storage.url} "
+            f"{what} belongs to cluster {mine.system_identifier} but {url} "
             f"archives cluster {known.system_identifier}",
             hint="give every cluster its own store prefix (after pg_upgrade or a new initdb too)",
         )
     if known.wal_segment_size != mine.wal_segment_size:
         raise ForeignArchive(
-            f"{name} has WAL segment size {mine.wal_segment_size} but {storage.url} archives "
+            f"{what} has WAL segment size {mine.wal_segment_size} but {url} archives "
             f"segments of {known.wal_segment_size} bytes",
             hint="give every cluster its own store prefix",
         )
-    _remember(spool, storage.url, known)
