@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.helpers.moto_server",
     "tests.helpers.pg",
+    "tests.helpers.gcs_emulator",
 ]

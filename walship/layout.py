@@ -84,3 +84,13 @@ def backup_name_from_sentinel_key(key: str) -> str | None:
         return None
     name = key[len(BACKUP_PREFIX) : -len(SENTINEL_NAME) - 1]
     return name if name and "/" not in name else None
+
+
+# --- Probe objects of `walship check` ---------------------------------------------------------
+
+CHECK_PREFIX = "check/"
+
+
+def probe_key(name: str) -> str:
+    """Key of a probe object that `walship check` writes and deletes again."""
+    return CHECK_PREFIX + name

@@ -1,4 +1,5 @@
-"""Fixtures for the storage suite: one `store` per backend (memory, file, s3 via moto server)."""
+"""Fixtures for the storage suite: one `store` per backend (memory, file, s3 via moto server,
+gcs via gcp-storage-emulator)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from walship.config import Config, MiB
 from walship.storage import Storage, open_storage
 from walship.storage.memory import reset_memory_stores
 
-BACKENDS = ("memory", "file", "s3")
+BACKENDS = ("memory", "file", "s3", "gs")
 
 
 @pytest.fixture
@@ -31,6 +32,7 @@ def config() -> Config:
         pytest.param("memory"),
         pytest.param("file"),
         pytest.param("s3", marks=pytest.mark.s3),
+        pytest.param("gcs"),
     ]
 )
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
@@ -45,6 +47,8 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         # one whose directory is missing is an outage, tested in test_local.py.
         (tmp_path / "store").mkdir(mode=0o700)
         yield f"file://{tmp_path}/store"
+    elif kind == "gcs":
+        yield str(request.getfixturevalue("gcs_store_url"))
     else:
         yield str(request.getfixturevalue("s3_store_url"))
 
@@ -58,5 +62,5 @@ def store(store_url: str, config: Config) -> Iterator[Storage]:
 
 @pytest.fixture
 def backend_kind(store_url: str) -> str:
-    """'memory', 'file' or 's3'."""
+    """'memory', 'file', 's3' or 'gs' (the URL scheme)."""
     return store_url.split("://", 1)[0]
