@@ -203,6 +203,28 @@ def backup_list_cmd(ctx: _Context, as_json: bool) -> None:
         click.echo(format_table(backups))
 
 
+@cli.command("check")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@pass_ctx
+def check_cmd(ctx: _Context, as_json: bool) -> None:
+    """Probe the store once: permissions and capabilities."""
+    from walship.ops.check import check
+
+    report = check(ctx.config())
+    click.echo(report.to_json() if as_json else report.render())
+    report.raise_for_missing()
+
+
+def _register_delete() -> None:
+    # The retention commands live beside their service (walship/ops/delete_cli.py).
+    from walship.ops.delete_cli import delete_group
+
+    cli.add_command(delete_group)
+
+
+_register_delete()
+
+
 def _exit_code(exc: WalshipError, command: str | None) -> int:
     if command == "wal-fetch":
         if isinstance(exc, ObjectNotFound):

@@ -14,16 +14,17 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from walship import layout, log, spool
 from walship.config import Config
-from walship.crypto import Keyring
 from walship.errors import IntegrityError, LocalIOError, UsageError
 from walship.ops import prefetch
-from walship.pipeline import copy_stream, decode
-from walship.storage.base import Storage
 from walship.wal import LONG_HEADER_SIZE, WalKind, WalName, parse_segment_header, parse_wal_name
 
+if TYPE_CHECKING:
+    from walship.crypto import Keyring
+    from walship.storage.base import Storage
 _log = log.get("wal_fetch")
 
 
@@ -70,6 +71,9 @@ def _fsync_dir(path: Path) -> None:
 
 def download_wal(storage: Storage, keyring: Keyring, name: WalName, dest: Path) -> int:
     """Fetch, authenticate and atomically place one WAL file at `dest`; returns its size."""
+    # Imported here: a fetch served from the prefetch spool needs neither.
+    from walship.pipeline import copy_stream, decode
+
     key = layout.wal_key(name.name)
     info = storage.stat(key)  # ObjectNotFound here is the normal end of the archive
     tmp = dest.parent / f".walship-{name.name}.{os.getpid()}.{time.monotonic_ns()}.tmp"
@@ -121,8 +125,10 @@ def wal_fetch(config: Config, name: str, dest: Path, *, datadir: Path) -> FetchR
             prefetch.request(config, datadir, spool_dir, wal, size)
             _log.debug(f"delivered {name} from the prefetch spool")
             return FetchResult(name, True, size, time.monotonic() - started)
-    keyring = Keyring.from_config(config)
+    from walship.crypto import Keyring
     from walship.storage import open_storage
+
+    keyring = Keyring.from_config(config)
 
     storage = open_storage(store, config)
     try:
