@@ -4,8 +4,14 @@
 
 Without WAL_DIR, makes 8 segments with benchmarks/make_wal.py in a temporary directory.
 Prints MB/s (MB = 10^6 bytes of plaintext per second; median of the repetitions) and the
-ratio against bare lz4 (compress, or decompress for the decode table) from the same run,
-then the import time of the pipeline, and checks that it does not import boto3.
+ratio against bare lz4 (compress, or decompress for the decode table), then the import
+time of the pipeline, and checks that it does not import boto3.
+
+The machine may be shared, so every repetition of a case runs right after a repetition of
+bare lz4, and "vs bare lz4" is the median of those per-pair ratios (slow drift in what the
+neighbours do cancels out). "cpu vs bare" compares the CPU time of the calling thread
+alone: what the ratio would be with a free core for the helper thread. When the two
+columns disagree, the helper thread did not get a core.
 """
 
 from __future__ import annotations
@@ -40,6 +46,25 @@ def _time(fn: Callable[[], object], repeat: int) -> float:
         fn()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
+
+
+def _pair(fn: Callable[[], object], bare: Callable[[], object],
+          repeat: int) -> tuple[float, float, float]:
+    """(median seconds of fn, median of bare/fn wall ratios, median of bare/fn ratios of
+    the calling thread's CPU time), each fn call right after a bare call."""
+    fn()
+    secs, walls, cpus = [], [], []
+    for _ in range(repeat):
+        samples = []
+        for f in (bare, fn):
+            start, cpu = time.perf_counter(), time.thread_time()
+            f()
+            samples.append((time.perf_counter() - start, time.thread_time() - cpu))
+        (bw, bc), (fw, fc) = samples
+        secs.append(fw)
+        walls.append(bw / fw)
+        cpus.append(bc / fc)
+    return statistics.median(secs), statistics.median(walls), statistics.median(cpus)
 
 
 def _encode(seg: bytes, codec: str, ring: crypto.Keyring | None) -> int:
@@ -105,25 +130,27 @@ def run(wal_dir: Path, repeat: int) -> None:
     rows = []
     base = _time(bare_compress, repeat)
     stored = sum(len(b) for b in lz4_blobs)
-    rows.append(("bare lz4.frame.compress", total / base / 1e6, 1.0, total / stored))
+    rows.append(("bare lz4.frame.compress", total / base / 1e6, 1.0, 1.0, total / stored))
     for name, codec, ring in cases:
-        t = _time(lambda c=codec, r=ring: [_encode(s, c, r) for s in segments], repeat)
+        t, rel, cpu = _pair(lambda c=codec, r=ring: [_encode(s, c, r) for s in segments],
+                            bare_compress, repeat)
         size = sum(_encode(s, codec, ring) for s in segments)
-        rows.append((f"encode {name}", total / t / 1e6, base / t, total / size))
-    print("\n| encode | MB/s | vs bare lz4 | ratio |\n|---|---:|---:|---:|")
-    for label, mbs, rel, ratio in rows:
-        print(f"| {label} | {mbs:.0f} | {rel:.2f} | {ratio:.2f} |")
+        rows.append((f"encode {name}", total / t / 1e6, rel, cpu, total / size))
+    print("\n| encode | MB/s | vs bare lz4 | cpu vs bare | ratio |\n|---|---:|---:|---:|---:|")
+    for label, mbs, rel, cpu, ratio in rows:
+        print(f"| {label} | {mbs:.0f} | {rel:.2f} | {cpu:.2f} | {ratio:.2f} |")
 
     rows = []
     base = _time(bare_decompress, repeat)
-    rows.append(("bare lz4.frame.decompress", total / base / 1e6, 1.0, 0.0))
+    rows.append(("bare lz4.frame.decompress", total / base / 1e6, 1.0, 1.0, 0.0))
     for name, codec, ring in cases:
         blobs = [pipeline.encode_bytes(s, codec, ring) for s in segments]
-        t = _time(lambda b=blobs, r=ring: [_decode(x, r) for x in b], repeat)
-        rows.append((f"decode {name}", total / t / 1e6, base / t, 0.0))
-    print("\n| decode | MB/s | vs bare lz4 |\n|---|---:|---:|")
-    for label, mbs, rel, _ in rows:
-        print(f"| {label} | {mbs:.0f} | {rel:.2f} |")
+        t, rel, cpu = _pair(lambda b=blobs, r=ring: [_decode(x, r) for x in b],
+                            bare_decompress, repeat)
+        rows.append((f"decode {name}", total / t / 1e6, rel, cpu, 0.0))
+    print("\n| decode | MB/s | vs bare lz4 | cpu vs bare |\n|---|---:|---:|---:|")
+    for label, mbs, rel, cpu, _ in rows:
+        print(f"| {label} | {mbs:.0f} | {rel:.2f} | {cpu:.2f} |")
 
     reps = max(repeat, 7)
     bare = _import_time("pass", reps)

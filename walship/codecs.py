@@ -29,8 +29,8 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 GZIP_MAGIC = b"\x1f\x8b\x08"
 
 # Levels measured on pgbench WAL (benchmarks/pipeline.py; see the report in docs/format.md):
-# lz4's default fast mode is the point of lz4. zstd 3 is zstd's own default. zstd 1 was
-# only 10-15% faster at a visibly worse ratio; gzip 6 is gzip's default.
+# lz4's default fast mode is the point of lz4. zstd 3 is zstd's own default; gzip 6 is
+# gzip's default.
 ZSTD_LEVEL = 3
 GZIP_LEVEL = 6
 

@@ -4,8 +4,9 @@ Both directions are pull streams (io.BufferedIOBase): the consumer's read(n) dri
 work, so a storage backend's upload (boto3, shutil.copyfileobj) reads an encoding stream
 exactly as it reads a file, and peak memory is bounded whatever the object's size:
 
-- encode holds one source block (BLOCK_SIZE), its compressed form, and less than one
-  encryption chunk, plus what the consumer asked for in one read;
+- encode holds two source blocks (BLOCK_SIZE: one being compressed, one read ahead), two
+  compressed blocks and less than one encryption chunk, plus what the consumer asked for
+  in one read;
 - decode holds one source block, the plaintext of one decompression step (at most
   MAX_OUTPUT_STEP, whole zstd blocks for zstd), plus one read: about 40 MiB peak RSS
   decoding 1 GiB of zeros with any codec, whatever the compression ratio.
@@ -23,10 +24,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
+import weakref
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import BinaryIO
+from functools import partial
+from queue import SimpleQueue
+from typing import BinaryIO, Generic, TypeVar, cast
 
 from walship import codecs
 from walship import format as fmt
@@ -41,50 +45,124 @@ MiB = 1024 * KiB
 BLOCK_SIZE = 1 * MiB
 MAX_OUTPUT_STEP = 4 * MiB
 # SHA-256 (about 1.8 GB/s with SHA-NI) costs half as much as lz4 with its checksum (about
-# 1.0 GB/s) on pgbench WAL, so hashed inline the pipeline keeps only ~60% of bare lz4's
+# 1.1 GB/s) on pgbench WAL, so hashed inline the pipeline keeps only ~60% of bare lz4's
 # throughput. Both release the GIL, so the digest runs on a helper thread, overlapping the
-# codec: ~100% (benchmarks/pipeline.py). Small pieces are hashed inline: a thread hand-off
-# costs more than hashing them.
+# codec (benchmarks/pipeline.py). Small pieces are hashed inline: a thread hand-off costs
+# more than hashing them.
 THREADED_HASH_MIN = 256 * KiB
+
+T = TypeVar("T")
+
+
+def _serve(jobs: SimpleQueue[Callable[[], object] | None],
+           results: SimpleQueue[tuple[object, BaseException | None]]) -> None:
+    """The helper thread: run jobs in order until the None sentinel; never raises."""
+    while (job := jobs.get()) is not None:
+        try:
+            results.put((job(), None))
+        except BaseException as exc:  # handed to the caller by _Helper.result()
+            results.put((None, exc))
+        del job
+
+
+class _Helper(Generic[T]):
+    """One helper thread, started on first use, that runs jobs in submission order.
+
+    result() returns the results in the same order (re-raising a job's exception). The
+    thread holds no reference to the stream that owns it: when that stream is closed,
+    fails, or is garbage-collected unclosed, close() (or the finalizer) stops the thread.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._jobs: SimpleQueue[Callable[[], object] | None] = SimpleQueue()
+        self._results: SimpleQueue[tuple[object, BaseException | None]] = SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._finalizer: weakref.finalize[..., _Helper[T]] | None = None
+        self.pending = 0
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    def submit(self, job: Callable[[], T]) -> None:
+        if self._thread is None:
+            # Daemon, so an unclosed stream still referenced at exit cannot hang the
+            # interpreter; the finalizer stops the thread when this object goes away.
+            thread = threading.Thread(target=_serve, args=(self._jobs, self._results),
+                                      name=self._name, daemon=True)
+            thread.start()
+            self._thread = thread
+            self._finalizer = weakref.finalize(self, self._jobs.put, None)
+        self._jobs.put(job)
+        self.pending += 1
+
+    def result(self) -> T:
+        """The result of the oldest job not yet collected (waits for it)."""
+        assert self.pending > 0
+        value, exc = self._results.get()
+        self.pending -= 1
+        if exc is not None:
+            raise exc
+        return cast(T, value)
+
+    def close(self) -> None:
+        """Let the jobs already queued finish, then stop the thread (idempotent)."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        assert self._finalizer is not None
+        self._finalizer()  # queues the sentinel, once
+        thread.join()
+        self.pending = 0
+        self._results = SimpleQueue()
 
 
 class _Hasher:
-    """SHA-256 whose large updates run on one helper thread, in order, overlapping the caller.
+    """SHA-256 whose large updates run on a helper thread, in order, overlapping the caller.
 
     At most one update is in flight, so it holds one extra block of memory at most.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, helper: _Helper[None]) -> None:
         self._sha = hashlib.sha256()
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: Future[None] | None = None
+        self._helper = helper
 
     def update(self, data: bytes) -> None:
         self._wait()
         if len(data) < THREADED_HASH_MIN:
             self._sha.update(data)
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="walship-sha256")
-        self._pending = self._pool.submit(self._sha.update, data)
+        self._helper.submit(partial(self._sha.update, data))
 
     def _wait(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
+        while self._helper.pending:
+            self._helper.result()
 
     def hexdigest(self) -> str:
         self._wait()
         return self._sha.hexdigest()
 
-    def close(self) -> None:
-        """Wait for the update in flight and stop the helper thread."""
-        try:
-            self._wait()
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
+
+def _read_block(source: BinaryIO, size: int) -> bytes:
+    data = source.read(size)
+    if data is None:  # pragma: no cover - a non-blocking source with nothing ready
+        raise OSError("source stream returned None (non-blocking streams are not supported)")
+    return bytes(data) if not isinstance(data, bytes) else data
+
+
+def _encode_job(source: BinaryIO, size: int, sha: hashlib._Hash, unhashed: bytes | None,
+                sealer: StreamEncryptor | None, held: bytes) -> tuple[bytes, list[bytes]]:
+    """EncodeStream's helper-thread work for one block: seal the compressed bytes `held`,
+    hash `unhashed` if given, then read and hash the next block. Returns (next block,
+    sealed chunks). A module function, so the thread never holds a reference to the stream.
+    """
+    chunks = sealer.update(held) if sealer is not None and held else []
+    if unhashed is not None:
+        sha.update(unhashed)
+    data = _read_block(source, size)
+    sha.update(data)
+    return data, chunks
 
 
 class _OutputQueue:
@@ -139,12 +217,14 @@ class _PullStream(io.BufferedIOBase):
         self._out = _OutputQueue()
         self._finished = False
         self._error: BaseException | None = None
-        self._sha = _Hasher()
 
     def readable(self) -> bool:
         return True
 
     def _produce(self) -> None:
+        raise NotImplementedError
+
+    def _stop_helper(self) -> None:
         raise NotImplementedError
 
     def _fill(self, n: int) -> None:
@@ -155,10 +235,11 @@ class _PullStream(io.BufferedIOBase):
                 self._produce()
             if self._finished:
                 # Stop the helper thread now rather than at close(), which may come late.
-                self._sha.close()
+                self._stop_helper()
         except BaseException as exc:
             # Sticky: a later read must not return b"" as if the object had ended cleanly.
             self._error = exc
+            self._stop_helper()
             raise
 
     def read(self, size: int | None = -1) -> bytes:
@@ -187,7 +268,7 @@ class _PullStream(io.BufferedIOBase):
     def close(self) -> None:
         """Close the stream (not the source: the caller owns it) and stop helper threads."""
         try:
-            self._sha.close()
+            self._stop_helper()
         finally:
             super().close()
 
@@ -197,7 +278,17 @@ class _PullStream(io.BufferedIOBase):
 
 
 class EncodeStream(_PullStream):
-    """Plaintext from `source` -> stored bytes (compressed, then encrypted if configured)."""
+    """Plaintext from `source` -> stored bytes (compressed, then encrypted if configured).
+
+    With blocks of THREADED_HASH_MIN or more, the work is split over two threads: this one
+    compresses block k while the helper seals (encrypts) the compressed block k-1, then
+    reads block k+1 from the source and hashes it. lz4, SHA-256 and file reads release the
+    GIL, and sealing lz4 output is small next to compressing, so the two overlap: this
+    thread does little but compress (benchmarks/pipeline.py). The source is still read by
+    one thread at a time, in order. What is in flight is two source blocks, one compressed
+    block and one block's sealed chunks. With "none" the sealing stays on this thread: it
+    is then the only work this thread has.
+    """
 
     def __init__(self, source: BinaryIO, compression: str, keyring: Keyring | None, *,
                  random: Callable[[int], bytes] | None = None,
@@ -215,28 +306,35 @@ class EncodeStream(_PullStream):
         self._started = False
         self._compressor: codecs.Compressor = codecs.new_compressor(compression)
         self._encryptor: StreamEncryptor | None = None
+        self._sha = hashlib.sha256()
+        self._helper: _Helper[tuple[bytes, list[bytes]]] = _Helper("walship-encode")
+        # The next source block, read (and hashed) ahead by the helper thread.
+        self._ahead = b""
+        # Compressed bytes that the next helper job seals (when sealing on the helper).
+        self._held = b""
+        self._seal_on_helper = False
 
     @property
     def compression(self) -> str:
         """The codec actually used (see _start for when "none" becomes "lz4")."""
         return self._compression
 
+    def _push(self, data: bytes) -> None:
+        self._stored += len(data)
+        self._out.push(data)
+
     def _emit(self, data: bytes) -> None:
+        """Queue compressed bytes, sealing them here if encrypting."""
         if not data:
             return
         if self._encryptor is None:
-            self._stored += len(data)
-            self._out.push(data)
+            self._push(data)
             return
         for chunk in self._encryptor.update(data):
-            self._stored += len(chunk)
-            self._out.push(chunk)
+            self._push(chunk)
 
     def _read_source(self) -> bytes:
-        data = self._source.read(self._block)
-        if data is None:  # pragma: no cover - a non-blocking source with nothing ready
-            raise OSError("source stream returned None (non-blocking streams are not supported)")
-        return bytes(data) if not isinstance(data, bytes) else data
+        return _read_block(self._source, self._block)
 
     def _start(self) -> bytes:
         self._started = True
@@ -262,23 +360,52 @@ class EncodeStream(_PullStream):
             header, payload_key = new_header(keyring.encrypt_to,
                                              codecs.CODEC_IDS[self._compression], self._random)
             self._encryptor = StreamEncryptor(payload_key, header)
-            self._stored += len(header)
-            self._out.push(header)
+            self._push(header)
+            self._seal_on_helper = self._compression != "none"
         return first
 
     def _produce(self) -> None:
-        data = self._start() if not self._started else self._read_source()
-        if data:
+        helper = self._helper
+        if not self._started:
+            data, hashed = self._start(), False
+        elif helper.started:
+            data, hashed, self._ahead = self._ahead, True, b""
+        else:
+            data, hashed = self._read_source(), False
+        if not data:
+            self._end()
+            return
+        self._plain += len(data)
+        if not helper.started and len(data) < THREADED_HASH_MIN:
+            # Small objects (and small first reads) never start a thread.
             self._sha.update(data)
-            self._plain += len(data)
             self._emit(self._compressor.compress(data))
             return
+        # From here on the helper reads and hashes every block (so the digest stays in
+        # order) while this thread compresses the block it read before.
+        sealer = self._encryptor if self._seal_on_helper else None
+        held, self._held = self._held, b""
+        helper.submit(partial(_encode_job, self._source, self._block, self._sha,
+                              None if hashed else data, sealer, held))
+        compressed = self._compressor.compress(data)
+        self._ahead, chunks = helper.result()
+        for chunk in chunks:
+            self._push(chunk)
+        if sealer is not None:
+            self._held = compressed
+        else:
+            self._emit(compressed)
+
+    def _end(self) -> None:
+        held, self._held = self._held, b""
+        self._emit(held)
         self._emit(self._compressor.flush())
         if self._encryptor is not None:
-            last = self._encryptor.finish()
-            self._stored += len(last)
-            self._out.push(last)
+            self._push(self._encryptor.finish())
         self._finished = True
+
+    def _stop_helper(self) -> None:
+        self._helper.close()
 
     @property
     def plaintext_sha256(self) -> str:
@@ -316,6 +443,8 @@ class DecodeStream(_PullStream):
         self._pending: deque[bytes] = deque()
         self._codec = "none"
         self._encrypted = False
+        self._helper: _Helper[None] = _Helper("walship-sha256")
+        self._sha = _Hasher(self._helper)
 
     @property
     def codec(self) -> str:
@@ -404,6 +533,9 @@ class DecodeStream(_PullStream):
             return
         dec.finish()
         self._finished = True
+
+    def _stop_helper(self) -> None:
+        self._helper.close()
 
     @property
     def plaintext_sha256(self) -> str:
