@@ -1,8 +1,9 @@
 """Entry point: `walship ...` and `python -m walship ...`.
 
-PostgreSQL starts one wal-push per WAL file, forever, so the common case of a segment that
-an earlier call already pushed ahead is answered here without importing click, boto3 or the
-pipeline: the cost is little more than starting Python.
+PostgreSQL starts one wal-push or wal-fetch per WAL file, forever, so the common cases (a
+segment the background pusher already stored, a segment the prefetcher already downloaded)
+are answered by walship.fastpath without importing click, boto3 or the pipeline: the cost is
+little more than starting Python.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     """Run walship; returns the process exit code."""
     args = sys.argv[1:] if argv is None else argv
-    from walship.fastpath import try_fast_push
+    from walship.fastpath import try_fast
 
-    code = try_fast_push(args)
+    code = try_fast(args)
     if code is not None:
         return code
     from walship.cli import run

@@ -58,6 +58,15 @@ class _Context:
         self.options = options
         self._config: config_mod.Config | None = None
 
+    def source(self) -> str | None:
+        """The configuration's source for the spool's markers, when it is the environment
+        alone (walship.fastpath compares it without loading the configuration)."""
+        if self.options.get("config_path") or self.options.get("store"):
+            return None
+        from walship.fastpath import config_source
+
+        return config_source(os.environ)
+
     def config(self, **overrides: Any) -> config_mod.Config:
         if self._config is None:
             options = dict(self.options)
@@ -94,7 +103,7 @@ def wal_push_cmd(ctx: _Context, wal_path: Path) -> None:
     """Archive one WAL file: archive_command = 'walship wal-push %p'."""
     from walship.ops.wal_push import wal_push
 
-    wal_push(ctx.config(), wal_path)
+    wal_push(ctx.config(), wal_path, source=ctx.source())
 
 
 @cli.command("wal-fetch")
@@ -105,7 +114,7 @@ def wal_fetch_cmd(ctx: _Context, wal_name: str, dest_path: Path) -> None:
     """Restore one WAL file: restore_command = 'walship wal-fetch %f %p'."""
     from walship.ops.wal_fetch import wal_fetch
 
-    wal_fetch(ctx.config(), wal_name, dest_path, datadir=Path.cwd())
+    wal_fetch(ctx.config(), wal_name, dest_path, datadir=Path.cwd(), source=ctx.source())
 
 
 @cli.command("keygen")

@@ -1,6 +1,9 @@
 """walship's own working directory next to the WAL: push-ahead markers and prefetched segments.
 
     <spool>/pushed/<WAL name>     marker: this file, as it is on disk now, is in the store
+    <spool>/push/.lock            held (flock) by the one background pusher of this pg_wal
+    <spool>/push/.log             the pusher's own log (its stderr), truncated at each start
+    <spool>/push/failed/<name>    the pusher could not push it: wal-push pushes it itself
     <spool>/prefetch/<WAL name>   a segment downloaded ahead, complete and authenticated
     <spool>/prefetch/.want        the newest name restore_command asked for
     <spool>/prefetch/.lock        held (flock) by the one prefetcher of this data directory
@@ -10,7 +13,7 @@ The default spool is <pg_wal>/walship. PostgreSQL ignores unknown directories in
 base backups (walship's and pg_basebackup's) skip pg_wal's contents. PostgreSQL's own
 archive_status files are never renamed or touched.
 
-This module is imported by the wal-push fast path: standard library only.
+Standard library only: cheap to import on the paths PostgreSQL calls once per file.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from walship.config import Config
+if TYPE_CHECKING:
+    from walship.config import Config
 
 
 def spool_dir(config: Config, wal_dir: Path) -> Path:
@@ -30,27 +35,35 @@ def spool_dir(config: Config, wal_dir: Path) -> Path:
 
 @dataclass(frozen=True)
 class PushMarker:
-    """Proof that the WAL file with this identity on disk is durably in this store."""
+    """Proof that the WAL file with this identity on disk is durably in the store that
+    `source` names (walship.fastpath.config_source, or 'store=<url>')."""
 
-    store: str
+    source: str
     size: int
     mtime_ns: int
     inode: int
     sha256: str
 
     @classmethod
-    def for_file(cls, store: str, st: os.stat_result, sha256: str) -> PushMarker:
+    def for_file(cls, source: str, st: os.stat_result, sha256: str) -> PushMarker:
         """The marker for a file whose stat result is `st`."""
-        return cls(store, st.st_size, st.st_mtime_ns, st.st_ino, sha256)
+        return cls(source, st.st_size, st.st_mtime_ns, st.st_ino, sha256)
 
-    def matches(self, store: str, st: os.stat_result) -> bool:
-        """Whether the file (as stat'ed now) is the one this marker vouches for, in `store`."""
+    def matches(self, source: str, st: os.stat_result) -> bool:
+        """Whether the file (as stat'ed now) is the one this marker vouches for."""
         return (
-            self.store == store
+            self.source == source
             and self.size == st.st_size
             and self.mtime_ns == st.st_mtime_ns
             and self.inode == st.st_ino
         )
+
+
+def source_key(config: Config, source: str | None) -> str:
+    """What markers and prefetched files are tied to: the configuration's source when the
+    command was configured from the environment alone (so the fast paths can compare it), else
+    the store URL."""
+    return source if source is not None else f"store={config.require_store()}"
 
 
 def marker_path(spool: Path, name: str) -> Path:

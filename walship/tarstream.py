@@ -34,6 +34,7 @@ import errno
 import hashlib
 import io
 import os
+import queue
 import re
 import stat
 import tarfile
@@ -479,6 +480,116 @@ def _refuse(where: str, what: str) -> IntegrityError:
     )
 
 
+# tarfile's read-ahead for headers. Every read from its buffer copies what is left of it, so a
+# large one costs a copy of up to this much per member: small keeps partitions of many small
+# files cheap (file data is read past the buffer, see _member_data).
+_TAR_BUFFER = 64 * KiB
+# File data queued for the writer thread, per partition: enough to keep the disk busy while
+# the next chunk is decoded, small enough not to matter for memory (3 x READ_SIZE).
+_WRITE_QUEUE = 3
+
+
+class _OpenFile:
+    """One file being restored: its descriptor and the running hash of what was written."""
+
+    __slots__ = ("closed", "digest", "fd", "name", "record", "target", "written")
+
+    def __init__(self, fd: int, target: Path, name: str, record: FileRecord) -> None:
+        self.fd = fd
+        self.target = target
+        self.name = name
+        self.record = record
+        self.digest = hashlib.sha256()
+        self.written = 0
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.digest.update(data)
+        self.written += len(data)
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as exc:
+            raise LocalIOError(f"cannot write {self.target}: {exc.strerror}") from None
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+
+    def finish(self, where: str) -> None:
+        """Close, then check size and SHA-256 against the manifest; set the mtime."""
+        self.close()
+        record = self.record
+        digest = self.digest.hexdigest()
+        if self.written != record.size or digest != record.sha256:
+            verdict = "differs" if digest != record.sha256 else "ok"
+            raise IntegrityError(
+                f"{where}: {self.name} does not match the manifest (size {self.written}, "
+                f"expected {record.size}; SHA-256 {verdict})",
+                hint="the backup is damaged; restore an older backup",
+            )
+        os.utime(self.target, (record.mtime, record.mtime), follow_symlinks=False)
+
+
+class _Writer:
+    """Hashes and writes file data on a thread of its own, in order.
+
+    The disk write (often blocked on writeback) and the file's SHA-256 then overlap the
+    decryption, decompression and tar parsing of the next chunk instead of following them.
+    A failure in the thread is raised by the next `put` or by `finish`; after one, the
+    thread only closes descriptors.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[tuple[_OpenFile, bytes | str | None] | None] = queue.Queue(
+            maxsize=_WRITE_QUEUE)
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            target, arg = job
+            try:
+                if isinstance(arg, bytes):
+                    if self.error is None:
+                        target.write(arg)
+                elif self.error is None:
+                    target.finish(arg or "")
+                else:
+                    target.close()
+            except BaseException as exc:  # handed to the reading thread
+                target.close()
+                self.error = exc
+
+    def put(self, target: _OpenFile, arg: bytes | str) -> None:
+        """Queue data for `target` (bytes), or its end and check (`where`, a str)."""
+        if self.error is not None:
+            raise self.error
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="walship-restore-write",
+                                            daemon=True)
+            self._thread.start()
+        self._jobs.put((target, arg))
+
+    def stop(self) -> None:
+        """Wait for everything queued to be written (or dropped after a failure)."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def finish(self) -> None:
+        """stop(), then raise the thread's failure if there was one."""
+        self.stop()
+        if self.error is not None:
+            raise self.error
+
+
 def extract_partition(source: BinaryIO, root: Path, expected: Mapping[str, FileRecord], *,
                       where: str, abort: threading.Event | None = None,
                       on_bytes: Callable[[int], None] | None = None) -> set[str]:
@@ -486,19 +597,29 @@ def extract_partition(source: BinaryIO, root: Path, expected: Mapping[str, FileR
 
     Returns the member paths written, which are all of `expected` (IntegrityError otherwise).
     Never creates links or special files, never writes outside `root`, never overwrites.
+    Every file has been written, closed and checked against its size and SHA-256 when this
+    returns.
     """
     dirs = _Dirs(root, where)
     seen: set[str] = set()
+    writer = _Writer()
+    current: list[_OpenFile] = []  # the file being queued, if any (closed on failure)
     try:
-        with tarfile.open(fileobj=source, mode="r|", bufsize=READ_SIZE, encoding="utf-8",
-                          errors="surrogateescape") as tar:
-            for member in tar:
-                if abort is not None and abort.is_set():
-                    raise AbortedError("extraction aborted")
-                _extract_member(tar, member, root, expected, dirs, where, seen, on_bytes,
-                                abort)
-    except tarfile.TarError as exc:
-        raise _refuse(where, f"not a valid tar stream ({exc})") from None
+        try:
+            with tarfile.open(fileobj=source, mode="r|", bufsize=_TAR_BUFFER,
+                              encoding="utf-8", errors="surrogateescape") as tar:
+                for member in tar:
+                    if abort is not None and abort.is_set():
+                        raise AbortedError("extraction aborted")
+                    _extract_member(tar, member, root, expected, dirs, where, seen, on_bytes,
+                                    abort, writer, current)
+        except tarfile.TarError as exc:
+            raise _refuse(where, f"not a valid tar stream ({exc})") from None
+        writer.finish()
+    finally:
+        writer.stop()
+        for target in current:
+            target.close()
     # tarfile takes a damaged header after the first for the end of the archive, so a
     # truncated or mangled stream shows up here, as members that never came.
     missing = expected.keys() - seen
@@ -509,10 +630,49 @@ def extract_partition(source: BinaryIO, root: Path, expected: Mapping[str, FileR
     return seen
 
 
+def _member_data(tar: tarfile.TarFile, member: tarfile.TarInfo) -> Iterator[bytes]:
+    """The data of the member tar.next() just returned, at most READ_SIZE at a time.
+
+    Straight from the stream under the tar, after what tarfile's stream reader buffered
+    ahead of it: extractfile() would add a BufferedReader, and tarfile's reader a join and
+    two slices, per read. Falls back to extractfile() where tarfile is not as expected.
+    """
+    stream: Any = tar.fileobj
+    remaining = member.size
+    if (type(stream).__name__ != "_Stream" or getattr(stream, "comptype", None) != "tar"
+            or not isinstance(getattr(stream, "buf", None), bytes)
+            or not isinstance(getattr(stream, "pos", None), int)
+            or stream.tell() != member.offset_data):
+        data_stream = tar.extractfile(member)
+        assert data_stream is not None
+        while data := data_stream.read(READ_SIZE):
+            yield data
+        return
+    # tarfile._Stream (mode "r|", no compression): `buf` holds bytes read ahead from
+    # `fileobj`, `pos` counts the bytes handed out; keep both as its read() would.
+    buffered: bytes = stream.buf
+    if buffered and remaining:
+        take = min(len(buffered), remaining)
+        data = buffered if take == len(buffered) else buffered[:take]
+        stream.buf = buffered[take:] if take < len(buffered) else b""
+        stream.pos += take
+        remaining -= take
+        yield data
+    source = stream.fileobj
+    while remaining:
+        data = source.read(min(READ_SIZE, remaining))
+        if not data:
+            raise tarfile.ReadError("unexpected end of data")
+        stream.pos += len(data)
+        remaining -= len(data)
+        yield data
+
+
 def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, root: Path,
                     expected: Mapping[str, FileRecord], dirs: _Dirs, where: str,
                     seen: set[str], on_bytes: Callable[[int], None] | None,
-                    abort: threading.Event | None) -> None:
+                    abort: threading.Event | None, writer: _Writer,
+                    current: list[_OpenFile]) -> None:
     name = member.name
     try:
         check_member_name(name)
@@ -547,33 +707,14 @@ def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, root: Path,
         raise _refuse(where, f"member {name!r} would overwrite an existing file") from None
     except OSError as exc:
         raise LocalIOError(f"cannot create {target}: {exc.strerror}") from None
-    digest = hashlib.sha256()
-    written = 0
-    try:
-        data_stream = tar.extractfile(member)
-        assert data_stream is not None
-        while True:
-            data = data_stream.read(READ_SIZE)
-            if not data:
-                break
-            if abort is not None and abort.is_set():
-                raise AbortedError("extraction aborted")
-            digest.update(data)
-            written += len(data)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            if on_bytes is not None:
-                on_bytes(len(data))
-    except OSError as exc:
-        raise LocalIOError(f"cannot write {target}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if written != record.size or digest.hexdigest() != record.sha256:
-        raise IntegrityError(
-            f"{where}: {name} does not match the manifest (size {written}, expected "
-            f"{record.size}; SHA-256 {'differs' if digest.hexdigest() != record.sha256 else 'ok'})",
-            hint="the backup is damaged; restore an older backup",
-        )
-    os.utime(target, (record.mtime, record.mtime), follow_symlinks=False)
+    out = _OpenFile(fd, target, name, record)
+    current[:] = [out]
+    for data in _member_data(tar, member):
+        if abort is not None and abort.is_set():
+            raise AbortedError("extraction aborted")
+        writer.put(out, data)
+        if on_bytes is not None:
+            on_bytes(len(data))
+    writer.put(out, where)  # closes, checks size and SHA-256 (raised by a later put or finish)
+    current.clear()
     seen.add(name)

@@ -4,6 +4,7 @@ restore_command, exactly as an operator configures it."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -131,10 +132,17 @@ def test_promoted_standby_partial_and_history(pg_factory: PgFactory) -> None:
     expected = table_checksum(standby, "after_promotion", "g")
     accounts = table_checksum(standby)
     store = Path(archive.store_url.removeprefix("file://"))
-    names = _archived_names(store)
+    # The archiver's order between the .partial and the new timeline's segments is the
+    # server's business; wait for it rather than assume it.
+    deadline = time.monotonic() + 60
+    while True:
+        names = _archived_names(store)
+        partials = [n for n in names if n.endswith(".partial")]
+        if partials or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert "00000002.history" in names
-    partials = [n for n in names if n.endswith(".partial")]
-    assert partials and partials[0].startswith("00000001"), names
+    assert partials and partials[0].startswith("00000001"), (names, standby.log_tail())
     # The .partial round-trips through wal-fetch (the server never asks for it by itself).
     work = pg_factory.scratch_dir("partial")
     proc = archive.install.run("wal-fetch", partials[0], str(work / partials[0]),

@@ -188,26 +188,51 @@ def pushed_ahead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path,
     monkeypatch.setenv("WALSHIP_STORE", STORE)
     monkeypatch.setenv("WALSHIP_SPOOL_DIR", str(spool_root))
     marker = spool.marker_path(spool_root, WAL)
-    spool.write_marker(marker, PushMarker.for_file(STORE, wal.stat(), SHA))
+    source = fastpath.config_source(os.environ)
+    assert source is not None
+    spool.write_marker(marker, PushMarker.for_file(source, wal.stat(), SHA))
     return wal, marker
 
 
-def test_fast_push_confirms_and_removes_marker(pushed_ahead: tuple[Path, Path]) -> None:
+def test_fast_push_confirms_and_keeps_marker(pushed_ahead: tuple[Path, Path]) -> None:
     wal, marker = pushed_ahead
     assert fastpath.try_fast_push(["wal-push", str(wal)]) == 0
-    assert not marker.exists()
+    # The marker stays until PostgreSQL's .ready file is gone (the pusher's cleanup), so the
+    # pusher never pushes the file a second time in between.
+    assert marker.exists()
     assert wal.exists()  # PostgreSQL's file is never touched
-    # The marker has served its purpose: a second call takes the slow path.
+    assert fastpath.try_fast_push(["wal-push", str(wal)]) == 0
+
+
+def test_fast_push_marker_of_another_source(pushed_ahead: tuple[Path, Path]) -> None:
+    wal, marker = pushed_ahead
+    spool.write_marker(marker, PushMarker.for_file(f"store={STORE}", wal.stat(), SHA))
     assert fastpath.try_fast_push(["wal-push", str(wal)]) is None
+
+
+def test_config_source_follows_the_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "walship.toml"
+    config.write_text('store = "file:///a"\n')
+    env = {"WALSHIP_CONFIG": str(config), "WALSHIP_LOG_LEVEL": "debug"}
+    before = fastpath.config_source(env)
+    assert before is not None
+    assert fastpath.config_source({**env, "WALSHIP_LOG_LEVEL": "info"}) == before
+    config.write_text('store = "file:///somewhere/else"\n')
+    assert fastpath.config_source(env) != before
+    assert fastpath.config_source({**env, "AWS_ENDPOINT_URL": "http://x"}) != \
+        fastpath.config_source(env)
+    assert fastpath.config_source({}) is None
+    assert fastpath.config_source({"WALSHIP_CONFIG": str(tmp_path / "missing")}) is None
 
 
 def test_fast_push_default_spool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     wal = make_wal(tmp_path / "pg_wal")
     monkeypatch.setenv("WALSHIP_STORE", STORE)
     marker = spool.marker_path(tmp_path / "pg_wal" / "walship", WAL)
-    spool.write_marker(marker, PushMarker.for_file(STORE, wal.stat(), SHA))
+    source = fastpath.config_source(os.environ)
+    assert source is not None
+    spool.write_marker(marker, PushMarker.for_file(source, wal.stat(), SHA))
     assert fastpath.try_fast_push(["wal-push", str(wal)]) == 0
-    assert not marker.exists()
 
 
 @pytest.mark.parametrize(
@@ -317,7 +342,10 @@ def test_fast_path_push_runs_without_heavy_imports(tmp_path: Path) -> None:
     wal = make_wal(tmp_path / "pg_wal")
     spool_root = tmp_path / "spool"
     marker = spool.marker_path(spool_root, WAL)
-    spool.write_marker(marker, PushMarker.for_file(STORE, wal.stat(), SHA))
+    env = _clean_env() | {"WALSHIP_STORE": STORE, "WALSHIP_SPOOL_DIR": str(spool_root)}
+    source = fastpath.config_source(env)
+    assert source is not None
+    spool.write_marker(marker, PushMarker.for_file(source, wal.stat(), SHA))
     code = textwrap.dedent(
         f"""
         import sys
@@ -327,9 +355,8 @@ def test_fast_path_push_runs_without_heavy_imports(tmp_path: Path) -> None:
         print(code, sorted(m for m in sys.modules if m.split(".")[0] in heavy))
         """
     )
-    env = _clean_env() | {"WALSHIP_STORE": STORE, "WALSHIP_SPOOL_DIR": str(spool_root)}
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "0 []", out.stdout + out.stderr
-    assert not marker.exists()
+    assert marker.exists()

@@ -14,14 +14,18 @@ not have it was never completely restored. On any failure, everything this run w
 removed again (DEST was empty, so that is only ever our own files).
 
 Peak memory: concurrency x (the store's read buffer + one decode step of at most 4 MiB + a
-1 MiB tar buffer + one partition's file list, about 300 bytes per file).
+64 KiB tar header buffer + 3 MiB of stored bytes read ahead (_ReadAhead) + at most 4 MiB
+of file data queued for or held by the writer thread
+(tarstream._Writer) + one partition's file list, about 300 bytes per file).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import queue
 import shutil
 import stat
 import threading
@@ -42,6 +46,9 @@ from walship.storage import open_storage
 from walship.storage.base import Storage
 
 _log = log.get("backup_fetch")
+
+# Stored bytes downloaded ahead of the decoder, per partition (x tarstream.READ_SIZE).
+_READ_AHEAD = 3
 
 MANIFEST_FORMAT = 1
 # Manifests and file lists are read whole; refuse absurd ones (a hostile store).
@@ -190,6 +197,86 @@ def rewrite_tablespace_map(text: str, targets: Mapping[int, Path]) -> str:
     return "".join(f"{line}\n" for line in out)
 
 
+class _ReadAhead(io.RawIOBase):
+    """Reads `source` on a thread of its own, up to _READ_AHEAD chunks ahead of the reader.
+
+    The download (waiting on the network, or the store's read and retries) then overlaps
+    the decryption, decompression, hashing and writing of what came before, instead of
+    alternating with them. A failure of the source is raised, as it was, by the read that
+    reaches it. close() stops the thread; it does not close `source`.
+    """
+
+    def __init__(self, source: BinaryIO, chunk: int = tarstream.READ_SIZE,
+                 depth: int = _READ_AHEAD) -> None:
+        super().__init__()
+        self._source = source
+        self._chunk_size = chunk
+        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._chunk = memoryview(b"")
+        self._eof = False
+        self._thread = threading.Thread(target=self._run, name="walship-read-ahead",
+                                        daemon=True)
+        self._thread.start()
+
+    def _put(self, item: bytes | BaseException) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                data = self._source.read(self._chunk_size)
+                if not self._put(data) or not data:
+                    return
+        except BaseException as exc:  # handed to the reader
+            self._put(exc)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to `size` bytes (all the rest if size < 0); b"" only at the end."""
+        if size is None or size < 0:
+            parts = []
+            while data := self.read(tarstream.READ_SIZE):
+                parts.append(data)
+            return b"".join(parts)
+        if size == 0:
+            return b""
+        if not self._chunk:
+            if self._eof:
+                return b""
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._eof = True
+                raise item
+            if not item:
+                self._eof = True
+                return b""
+            if len(item) <= size:
+                return item
+            self._chunk = memoryview(item)
+        data = bytes(self._chunk[:size])
+        self._chunk = self._chunk[size:]
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self.read(len(view))
+        view[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._stop.set()
+        super().close()
+
+
 class _Restore:
     """One backup-fetch after the backup was chosen."""
 
@@ -224,7 +311,8 @@ class _Restore:
         oid = part["tablespace"]
         root = self.dest if oid is None else self.tablespaces[oid].target
         with self.storage.get(layout.backup_partition_key(name, index)) as raw, \
-                pipeline.decode(raw, self.keyring) as stream:
+                _ReadAhead(raw) as ahead, \
+                pipeline.decode(cast(BinaryIO, ahead), self.keyring) as stream:
             seen = tarstream.extract_partition(cast(BinaryIO, stream), root, expected,
                                                where=where, abort=self.abort)
             while stream.read(tarstream.READ_SIZE):

@@ -13,10 +13,8 @@ ends (no recovery.signal or standby.signal), by the prefetcher or by the next wa
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shutil
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +22,7 @@ from pathlib import Path
 from walship import log
 from walship.config import Config
 from walship.errors import IntegrityError, ObjectNotFound, WalshipError
+from walship.ops import background
 from walship.wal import WalKind, WalName, check_segment_size, next_segment, parse_wal_name
 
 _log = log.get("prefetch")
@@ -51,19 +50,19 @@ def cleanup_after_recovery(datadir: Path, spool_dir: Path) -> None:
         shutil.rmtree(pf, ignore_errors=True)
 
 
-def _source_matches(pf: Path, store: str) -> bool:
+def _source_matches(pf: Path, source: str) -> bool:
     try:
-        return (pf / ".source").read_text() == store
+        return (pf / ".source").read_text() == source
     except OSError:
         return False
 
 
-def take(spool_dir: Path, store: str, wal: WalName, dest: Path) -> int | None:
+def take(spool_dir: Path, source: str, wal: WalName, dest: Path) -> int | None:
     """Move a prefetched `wal` to `dest`; None if there is none to serve (then download)."""
     from walship.ops.wal_fetch import check_segment_content
 
     path = prefetch_dir(spool_dir) / wal.name
-    if not path.exists() or not _source_matches(path.parent, store):
+    if not path.exists() or not _source_matches(path.parent, source):
         return None
     try:
         check_segment_content(path, wal)
@@ -89,33 +88,21 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _lock(pf: Path) -> int | None:
-    fd = os.open(pf / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
-
-
 def request(config: Config, datadir: Path, spool_dir: Path, wal: WalName,
-            segment_size: int) -> None:
-    """Record `wal` as the newest wanted segment and make sure a prefetcher is running."""
+            segment_size: int, source: str) -> None:
+    """Record `wal` as the newest wanted segment and make sure a prefetcher is running.
+    `source` (spool.source_key) ties the prefetched files to this configuration."""
     pf = prefetch_dir(spool_dir)
     try:
         pf.mkdir(parents=True, exist_ok=True)
-        store = config.require_store()
-        if not _source_matches(pf, store):
+        if not _source_matches(pf, source):
             for entry in os.listdir(pf):
                 if not entry.startswith("."):
                     os.unlink(pf / entry)
-            _write_atomic(pf / ".source", store)
+            _write_atomic(pf / ".source", source)
         _write_atomic(pf / ".want", f"{wal.name} {segment_size}")
-        fd = _lock(pf)
-        if fd is None:
+        if background.is_locked(pf / ".lock"):
             return  # a prefetcher is running and will read the new .want
-        os.close(fd)
         _spawn(config, datadir, spool_dir)
     except OSError as exc:
         # Prefetching is an optimisation: never fail a fetch because of it.
@@ -123,32 +110,8 @@ def request(config: Config, datadir: Path, spool_dir: Path, wal: WalName,
 
 
 def _spawn(config: Config, datadir: Path, spool_dir: Path) -> None:
-    package_parent = str(Path(__file__).resolve().parent.parent.parent)
-    boot = (
-        f"import sys; sys.path.insert(0, {package_parent!r}); "
-        "from walship.ops.prefetch import main; sys.exit(main(sys.argv[1:]))"
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WALSHIP_")}
-    env.update(config.to_environ())
-    devnull = os.open(os.devnull, os.O_RDWR)
-    # Not the inherited stderr: whoever captures restore_command's output would wait for the
-    # prefetcher to exit. Its own log stays small: it is truncated at each start.
-    logfd = os.open(prefetch_dir(spool_dir) / ".log",
-                    os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        # posix_spawn with setsid: detached from PostgreSQL's process group, so the server's
-        # signals to restore_command do not reach it, and no Popen object to reap.
-        os.posix_spawn(
-            sys.executable,
-            [sys.executable, "-c", boot, str(datadir), str(spool_dir)],
-            env,
-            file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0), (os.POSIX_SPAWN_DUP2, devnull, 1),
-                          (os.POSIX_SPAWN_DUP2, logfd, 2)],
-            setsid=True,
-        )
-    finally:
-        os.close(devnull)
-        os.close(logfd)
+    background.spawn("walship.ops.prefetch", [str(datadir), str(spool_dir)], config,
+                     prefetch_dir(spool_dir) / ".log")
 
 
 def _window(want: WalName, segment_size: int, depth: int) -> list[WalName]:
@@ -172,7 +135,7 @@ def main(argv: list[str]) -> int:
     try:
         config = load()
         log.setup(config.log_level)
-        fd = _lock(pf)
+        fd = background.try_lock(pf / ".lock")
     except (OSError, WalshipError):
         return 0
     if fd is None:

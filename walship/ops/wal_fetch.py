@@ -109,8 +109,10 @@ def download_wal(storage: Storage, keyring: Keyring, name: WalName, dest: Path) 
         raise
 
 
-def wal_fetch(config: Config, name: str, dest: Path, *, datadir: Path) -> FetchResult:
-    """Deliver WAL file `name` to `dest` (restore_command), from the prefetch spool if there."""
+def wal_fetch(config: Config, name: str, dest: Path, *, datadir: Path,
+              source: str | None = None) -> FetchResult:
+    """Deliver WAL file `name` to `dest` (restore_command), from the prefetch spool if there.
+    `source` is walship.fastpath.config_source() when configured from the environment alone."""
     started = time.monotonic()
     try:
         wal = parse_wal_name(name)
@@ -118,11 +120,12 @@ def wal_fetch(config: Config, name: str, dest: Path, *, datadir: Path) -> FetchR
         raise UsageError(f"{name!r} is not a WAL file name",
                          hint="restore_command must be 'walship wal-fetch %f %p'") from None
     store = config.require_store()
+    key = spool.source_key(config, source)
     spool_dir = spool.spool_dir(config, dest.parent)
     if wal.kind is WalKind.SEGMENT and config.prefetch > 0:
-        size = prefetch.take(spool_dir, store, wal, dest)
+        size = prefetch.take(spool_dir, key, wal, dest)
         if size is not None:
-            prefetch.request(config, datadir, spool_dir, wal, size)
+            prefetch.request(config, datadir, spool_dir, wal, size, key)
             _log.debug(f"delivered {name} from the prefetch spool")
             return FetchResult(name, True, size, time.monotonic() - started)
     from walship.crypto import Keyring
@@ -136,6 +139,6 @@ def wal_fetch(config: Config, name: str, dest: Path, *, datadir: Path) -> FetchR
     finally:
         storage.close()
     if wal.kind is WalKind.SEGMENT and config.prefetch > 0:
-        prefetch.request(config, datadir, spool_dir, wal, size)
+        prefetch.request(config, datadir, spool_dir, wal, size, key)
     _log.info(f"fetched {name} ({size} bytes, {(time.monotonic() - started) * 1000:.0f} ms)")
     return FetchResult(name, False, size, time.monotonic() - started)

@@ -9,12 +9,9 @@ and recorded in the spool, so PostgreSQL's later calls for them return at once.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
 import tempfile
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +25,8 @@ from walship.errors import (
     ObjectNotFound,
     OverwriteRefused,
     UsageError,
-    WalshipError,
 )
+from walship.ops import push_ahead
 from walship.ops.identity import check_identity
 from walship.ops.prefetch import cleanup_after_recovery
 from walship.pipeline import copy_stream, encode
@@ -175,112 +172,40 @@ class WalPusher:
             )
 
 
-def ready_files(archive_status: Path) -> list[str]:
-    """WAL names with a .ready file, in PostgreSQL's archiving order (histories first)."""
+def wal_push(config: Config, wal_path: Path, *, source: str | None = None) -> PushResult:
+    """Archive one WAL file (archive_command). Other ready files are pushed by the background
+    pusher; `source` is walship.fastpath.config_source() when configured from the environment."""
     try:
-        entries = os.listdir(archive_status)
-    except OSError:
-        return []
-    names = [e[: -len(".ready")] for e in entries if e.endswith(".ready")]
-    return sorted(names, key=lambda n: (not n.endswith(".history"), n))
-
-
-def _cleanup_markers(spool_dir: Path, archive_status: Path) -> None:
-    """Drop markers PostgreSQL has moved past (its .ready file is gone): nothing accumulates."""
-    pushed = spool_dir / "pushed"
-    try:
-        markers = os.listdir(pushed)
-    except OSError:
-        return
-    for marker in markers:
-        if marker.startswith("."):
-            if marker.endswith(".tmp"):
-                _unlink_quietly(pushed / marker)
-            continue
-        if not (archive_status / f"{marker}.ready").exists():
-            _unlink_quietly(pushed / marker)
-
-
-def _unlink_quietly(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
-
-
-def wal_push(config: Config, wal_path: Path) -> PushResult:
-    """Archive one WAL file (archive_command), pushing other ready files ahead."""
-    try:
-        parse_wal_name(wal_path.name)
+        name = parse_wal_name(wal_path.name)
     except ValueError:
         raise UsageError(f"{wal_path.name!r} is not a WAL file name",
                          hint="archive_command must be 'walship wal-push %p'") from None
-    store = config.require_store()
-    keyring = Keyring.from_config(config)
+    key = spool.source_key(config, source)
     wal_dir = wal_path.parent
     spool_dir = spool.spool_dir(config, wal_dir)
     archive_status = wal_dir / "archive_status"
-    storage = open_storage(store, config)
+    if (
+        config.push_ahead > 0
+        and archive_status.is_dir()
+        and wal_path.exists()
+        and (push_ahead.has_valid_marker(spool_dir, wal_path, key)
+             or push_ahead.wait_for_pusher(config, wal_path, spool_dir, key))
+    ):
+        return PushResult(name.name, True, "", 0, 0, 0.0)
+    keyring = Keyring.from_config(config)
+    storage = open_storage(config.require_store(), config)
     try:
-        pusher = WalPusher(config, storage, keyring, spool_dir)
-        ahead: list[str] = []
-        if config.push_ahead > 0:
-            ahead = [n for n in ready_files(archive_status) if n != wal_path.name]
-            ahead = [n for n in ahead if not _has_valid_marker(spool_dir, wal_dir / n, store)]
-            ahead = ahead[: config.push_ahead]
-        if not ahead:
-            result, _ = pusher.push(wal_path)
-        else:
-            result = _push_with_ahead(pusher, wal_path, [wal_dir / n for n in ahead], store)
-        _log.info(_describe(result))
-        _cleanup_markers(spool_dir, archive_status)
-        cleanup_after_recovery(wal_dir.parent, spool_dir)
-        return result
+        result, _ = WalPusher(config, storage, keyring, spool_dir).push(wal_path)
     finally:
         storage.close()
-
-
-def _has_valid_marker(spool_dir: Path, path: Path, store: str) -> bool:
-    marker = spool.read_marker(spool.marker_path(spool_dir, path.name))
-    if marker is None:
-        return False
-    try:
-        return marker.matches(store, os.stat(path))
-    except OSError:
-        return False
-
-
-def _push_with_ahead(pusher: WalPusher, wal_path: Path, ahead: list[Path],
-                     store: str) -> PushResult:
-    with ThreadPoolExecutor(max_workers=pusher.config.concurrency,
-                            thread_name_prefix="walship-push") as pool:
-        mine = pool.submit(pusher.push, wal_path)
-        others: list[tuple[Path, Future[tuple[PushResult, os.stat_result]]]] = [
-            (path, pool.submit(pusher.push, path)) for path in ahead
-        ]
-        result, _ = mine.result()
-        for path, future in others:
-            try:
-                pushed, st = future.result()
-            except WalshipError as exc:
-                # PostgreSQL will ask for this file itself and then hear the error.
-                _log.warning(f"push-ahead of {path.name} failed: {exc.message}")
-                continue
-            except OSError as exc:
-                _log.warning(f"push-ahead of {path.name} failed: {exc}")
-                continue
-            try:
-                spool.write_marker(
-                    spool.marker_path(pusher.spool_dir, path.name),
-                    spool.PushMarker.for_file(store, st, pushed.sha256),
-                )
-            except OSError as exc:
-                if exc.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES):
-                    raise
-                _log.warning(f"cannot record push-ahead of {path.name}: {exc.strerror}")
-            _log.info(_describe(pushed, ahead=True))
+    _log.info(describe(result))
+    push_ahead.cleanup(spool_dir, archive_status)
+    cleanup_after_recovery(wal_dir.parent, spool_dir)
     return result
 
 
-def _describe(result: PushResult, *, ahead: bool = False) -> str:
+def describe(result: PushResult, *, ahead: bool = False) -> str:
+    """One log line for a push."""
     what = "pushed ahead" if ahead else "pushed"
     if result.identical:
         return f"{result.name} was already archived with identical contents"

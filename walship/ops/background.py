@@ -1,0 +1,59 @@
+"""Detached helper processes (the background pusher, the prefetcher): one per directory, held
+by an flock, started with posix_spawn in their own session so that PostgreSQL's signals to
+archive_command/restore_command do not reach them and nobody has to reap them."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+from pathlib import Path
+
+from walship.config import Config
+
+
+def try_lock(path: Path) -> int | None:
+    """Take the flock at `path` (creating the file); the fd to keep, or None if it is held."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def is_locked(path: Path) -> bool:
+    """Whether some process holds the flock at `path` right now."""
+    fd = try_lock(path)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
+def spawn(module: str, args: list[str], config: Config, log_path: Path) -> None:
+    """Start `module.main(args)` detached, configured like `config`, stderr to `log_path`."""
+    package_parent = str(Path(__file__).resolve().parent.parent.parent)
+    boot = (
+        f"import sys; sys.path.insert(0, {package_parent!r}); "
+        f"from {module} import main; sys.exit(main(sys.argv[1:]))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WALSHIP_")}
+    env.update(config.to_environ())
+    devnull = os.open(os.devnull, os.O_RDWR)
+    # Not the inherited stderr: whoever captures the command's output would wait for the
+    # helper to exit. Its own log stays small: it is truncated at each start.
+    logfd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.posix_spawn(
+            sys.executable,
+            [sys.executable, "-c", boot, *args],
+            env,
+            file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0), (os.POSIX_SPAWN_DUP2, devnull, 1),
+                          (os.POSIX_SPAWN_DUP2, logfd, 2)],
+            setsid=True,
+        )
+    finally:
+        os.close(devnull)
+        os.close(logfd)

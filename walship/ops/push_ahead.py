@@ -1,0 +1,184 @@
+"""The background pusher: what keeps archiving ahead of a busy server.
+
+PostgreSQL calls archive_command once per file, serially, and waits for each. A wal-push that
+finds other `.ready` files makes sure one detached pusher runs for its pg_wal (an flock in
+<spool>/push/.lock). The pusher pushes every `.ready` file, oldest first (timeline histories
+before all), `concurrency` at a time, and writes a marker for each once it is durably stored and
+verified. The server's own call for a file then finds the marker (walship.fastpath, or the wait
+below) and exits 0 at once. The pusher exits when nothing has been ready for a few seconds.
+
+Failure handling keeps PostgreSQL's view authoritative: the pusher never touches archive_status;
+a file it cannot push gets <spool>/push/failed/<name> and is left to the server's own call,
+which pushes it itself and reports the real error; a pusher that dies (kill -9) releases its
+lock, and every waiting call then pushes its file itself. A marker is only ever written after
+the object was verified, so nothing is reported archived that is not in the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from walship import log, spool
+from walship.config import Config
+from walship.errors import WalshipError
+from walship.ops import background
+
+if TYPE_CHECKING:
+    from walship.ops.wal_push import PushResult
+
+_log = log.get("push_ahead")
+
+# How long the pusher stays with nothing to do; a server archiving steadily calls more often.
+IDLE_EXIT_SECONDS = 3.0
+POLL_SECONDS = 0.01
+# How long a wal-push waits for the pusher beyond the storage retry budget before it pushes the
+# file itself (a pusher that is alive but stuck).
+WAIT_MARGIN_SECONDS = 30.0
+
+
+def push_dir(spool_dir: Path) -> Path:
+    """The pusher's own directory in the spool."""
+    return spool_dir / "push"
+
+
+def ready_files(archive_status: Path) -> list[str]:
+    """WAL names with a .ready file, in PostgreSQL's archiving order (histories first)."""
+    try:
+        entries = os.listdir(archive_status)
+    except OSError:
+        return []
+    names = [e[: -len(".ready")] for e in entries if e.endswith(".ready")]
+    return sorted(names, key=lambda n: (not n.endswith(".history"), n))
+
+
+def has_valid_marker(spool_dir: Path, path: Path, source: str) -> bool:
+    """Whether the spool vouches that `path`, as it is on disk now, is stored."""
+    marker = spool.read_marker(spool.marker_path(spool_dir, path.name))
+    if marker is None:
+        return False
+    try:
+        return marker.matches(source, os.stat(path))
+    except OSError:
+        return False
+
+
+def cleanup(spool_dir: Path, archive_status: Path) -> None:
+    """Drop markers and failure notes PostgreSQL has moved past (its .ready file is gone)."""
+    for directory in (spool_dir / "pushed", push_dir(spool_dir) / "failed"):
+        try:
+            entries = os.listdir(directory)
+        except OSError:
+            continue
+        for entry in entries:
+            stale_tmp = entry.startswith(".") and entry.endswith(".tmp")
+            if stale_tmp or (not entry.startswith(".")
+                             and not (archive_status / f"{entry}.ready").exists()):
+                with contextlib.suppress(OSError):
+                    os.unlink(directory / entry)
+
+
+def wait_for_pusher(config: Config, wal_path: Path, spool_dir: Path, source: str) -> bool:
+    """Start the pusher if needed and wait until it has stored `wal_path`.
+
+    True when a marker vouches for the file; False when this call should push the file itself
+    (the pusher failed on it, died, or took too long)."""
+    pd = push_dir(spool_dir)
+    pd.mkdir(parents=True, exist_ok=True)
+    lock = pd / ".lock"
+    if not background.is_locked(lock):
+        background.spawn("walship.ops.push_ahead",
+                         [str(wal_path.parent.resolve()), str(spool_dir.resolve()), source],
+                         config, pd / ".log")
+    failed = pd / "failed" / wal_path.name
+    deadline = time.monotonic() + config.retry_budget + WAIT_MARGIN_SECONDS
+    started = time.monotonic()
+    while time.monotonic() < deadline:
+        if has_valid_marker(spool_dir, wal_path, source):
+            return True
+        if failed.exists():
+            with contextlib.suppress(OSError):
+                failed.unlink()
+            return False
+        # Give a just-spawned pusher a moment to take its lock before reading a free lock as
+        # "the pusher is gone".
+        if time.monotonic() - started > 2.0 and not background.is_locked(lock):
+            return has_valid_marker(spool_dir, wal_path, source)
+        time.sleep(POLL_SECONDS)
+    return False
+
+
+def main(argv: list[str]) -> int:
+    """The detached pusher process: `python -c ... WAL_DIR SPOOL SOURCE`."""
+    from walship.config import load
+    from walship.crypto import Keyring
+    from walship.ops.wal_push import WalPusher, describe
+    from walship.storage import open_storage
+
+    wal_dir, spool_dir, source = Path(argv[0]), Path(argv[1]), argv[2]
+    archive_status = wal_dir / "archive_status"
+    pd = push_dir(spool_dir)
+    try:
+        config = load()
+        log.setup(config.log_level)
+        fd = background.try_lock(pd / ".lock")
+    except (OSError, WalshipError):
+        return 0
+    if fd is None:
+        return 0
+    storage = None
+    try:
+        keyring = Keyring.from_config(config)
+        storage = open_storage(config.require_store(), config)
+        pusher = WalPusher(config, storage, keyring, spool_dir)
+        (pd / "failed").mkdir(exist_ok=True)
+        in_flight: dict[Future[tuple[PushResult, os.stat_result]], str] = {}
+        idle_since = time.monotonic()
+        with ThreadPoolExecutor(max_workers=config.concurrency,
+                                thread_name_prefix="walship-push") as pool:
+            while True:
+                busy = set(in_flight.values())
+                todo = [n for n in ready_files(archive_status)
+                        if n not in busy and not (pd / "failed" / n).exists()
+                        and not has_valid_marker(spool_dir, wal_dir / n, source)]
+                # Keep the pool fed, a few in hand, oldest first (the server waits for those).
+                for name in todo[: max(0, 2 * config.concurrency - len(in_flight))]:
+                    in_flight[pool.submit(pusher.push, wal_dir / name)] = name
+                if not in_flight:
+                    cleanup(spool_dir, archive_status)
+                    if time.monotonic() - idle_since > IDLE_EXIT_SECONDS:
+                        return 0
+                    time.sleep(0.05)
+                    continue
+                idle_since = time.monotonic()
+                done, _ = wait(list(in_flight), timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in done:
+                    name = in_flight.pop(future)
+                    _settle(future, name, source, spool_dir, pd, describe)
+    except WalshipError as exc:
+        _log.warning(f"background pusher stopped: {exc.message}")
+        return 0
+    finally:
+        if storage is not None:
+            storage.close()
+        os.close(fd)
+
+
+def _settle(future: Future[tuple[PushResult, os.stat_result]], name: str, source: str,
+            spool_dir: Path, pd: Path, describe: Callable[..., str]) -> None:
+    try:
+        result, st = future.result()
+    except (WalshipError, OSError) as exc:
+        message = exc.message if isinstance(exc, WalshipError) else str(exc)
+        _log.warning(f"could not push {name} ahead: {message}")
+        with contextlib.suppress(OSError):
+            (pd / "failed" / name).write_text(message + "\n")
+        return
+    spool.write_marker(spool.marker_path(spool_dir, name),
+                       spool.PushMarker.for_file(source, st, result.sha256))
+    _log.info(describe(result, ahead=True))
