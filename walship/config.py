@@ -61,6 +61,11 @@ class Config:
     s3_sse: str | None = None
     s3_sse_kms_key_id: str | None = None
     s3_storage_class: str | None = None
+    # Whether the S3 store enforces If-None-Match on puts (AWS, current MinIO and Ceph do).
+    # false: walship looks before each create and relies on the stored digest.
+    s3_conditional_writes: bool = True
+    # "auto" (boto3's choice), "path" (MinIO, Ceph RGW without wildcard DNS) or "virtual".
+    s3_addressing_style: str = "auto"
     tls_verify: bool = True
     log_level: str = "info"
 
@@ -84,6 +89,9 @@ class Config:
                 raise UsageError(f"{name} must not be negative")
         if not 0 <= self.retry_budget < float("inf"):
             raise UsageError("retry_budget must be a number of seconds, 0 or more")
+        if self.s3_addressing_style not in ("auto", "path", "virtual"):
+            raise UsageError(f"unknown s3_addressing_style {self.s3_addressing_style!r}",
+                             hint="choose auto, path or virtual")
         if self.log_level not in LOG_LEVELS:
             raise UsageError(f"unknown log_level {self.log_level!r}",
                              hint=f"choose one of {', '.join(LOG_LEVELS)}")
@@ -196,6 +204,8 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "s3_sse": _optional_str,
     "s3_sse_kms_key_id": _optional_str,
     "s3_storage_class": _optional_str,
+    "s3_conditional_writes": _bool,
+    "s3_addressing_style": lambda v: str(v).lower(),
     "tls_verify": _bool,
     "log_level": lambda v: str(v).lower(),
 }

@@ -473,3 +473,18 @@ def test_importing_walship_storage_does_not_import_boto3() -> None:
         "assert 'boto3' not in sys.modules and 'botocore' not in sys.modules, 'boto3 imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_store_without_conditional_writes_looks_first(s3_store_url: str) -> None:
+    """s3_conditional_writes = false: no If-None-Match is sent, the backend says it cannot
+    refuse an overwrite atomically, and a create of a taken key is still refused."""
+    from walship.errors import AlreadyExists
+
+    config = Config(s3_conditional_writes=False)
+    with open_storage(s3_store_url, config) as store:
+        assert store.capabilities.create_if_absent is False
+        store.put("wal/k", io.BytesIO(b"first"), if_absent=True)
+        with pytest.raises(AlreadyExists):
+            store.put("wal/k", io.BytesIO(b"second"), if_absent=True)
+        with store.get("wal/k") as fh:
+            assert fh.read() == b"first"

@@ -130,7 +130,8 @@ _DELETE_HINT = (
 _CREATE_HINT = (
     "without create-if-absent in the store, the stored SHA-256 is the only defence against "
     "overwriting an archived WAL file, and two writers may race; use a store that enforces "
-    "it (S3 If-None-Match, GCS if_generation_match) for production"
+    "it (S3 If-None-Match, GCS if_generation_match) for production, or, for an S3 store that "
+    "ignores If-None-Match, set s3_conditional_writes = false so that walship looks first"
 )
 
 

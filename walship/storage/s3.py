@@ -210,7 +210,10 @@ class S3Storage(Storage):
         # retried by the wrapper around this backend.
         self.policy = policy if policy is not None else RetryPolicy(config.retry_budget)
         self.delete_batch_size = delete_batch_size
-        self.capabilities = Capabilities(create_if_absent=True, bulk_delete=True)
+        # Stores that ignore If-None-Match (older MinIO, Ceph RGW before conditional writes)
+        # overwrite silently; `walship check` finds out, s3_conditional_writes = false adapts.
+        self.capabilities = Capabilities(create_if_absent=config.s3_conditional_writes,
+                                         bulk_delete=True)
         self._bulk_lock = threading.Lock()
         self.client: S3Client = client if client is not None else self._make_client(config)
 
@@ -230,6 +233,8 @@ class S3Storage(Storage):
             read_timeout=READ_TIMEOUT,
             max_pool_connections=max(10, config.concurrency * 2),
             user_agent_extra=f"walship/{__version__}",
+            # MinIO and Ceph RGW usually serve buckets only in the path (no wildcard DNS).
+            s3=cast(Any, {"addressing_style": config.s3_addressing_style}),
         )
         # boto3 reads AWS_DEFAULT_REGION but not AWS_REGION, which the other AWS SDKs and
         # most operators use; honour it the way they do (AWS_DEFAULT_REGION wins if both).
@@ -284,6 +289,16 @@ class S3Storage(Storage):
         """
         full = self._full(key)
         meta = check_metadata(metadata)
+        if if_absent and not self.capabilities.create_if_absent:
+            # Look first (not atomic: the stored digest is what services rely on here), and
+            # do not send a header the store does not honour.
+            try:
+                self.stat(key)
+            except ObjectNotFound:
+                pass
+            else:
+                raise AlreadyExists(f"{self._where(key)} already exists")
+            if_absent = False
         part_size = self.config.s3_part_size
         # At least one byte, so that an empty source always takes the single-put path.
         threshold = max(self.config.s3_multipart_threshold, 1)
