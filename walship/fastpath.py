@@ -31,6 +31,7 @@ _IRRELEVANT = ("WALSHIP_LOG_LEVEL", "WALSHIP_PREFETCH", "WALSHIP_PUSH_AHEAD",
 # The segment's long page header (see walship.wal, kept in step with parse_segment_header).
 _LONG_HEADER = struct.Struct("<HHIQI4xQII")
 _HEX = frozenset("0123456789ABCDEF")
+_BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
 def config_source(environ: dict[str, str] | os._Environ[str]) -> str | None:
@@ -115,8 +116,9 @@ def try_fast_fetch(args: list[str]) -> int | None:
     pf = os.path.join(_spool(os.environ, dest_dir), "prefetch")
     path = os.path.join(pf, name)
     try:
-        with open(os.path.join(pf, ".source")) as fh:
-            if fh.read() != source:
+        # Same configuration, same boot (prefetch.source_record: files are not fsynced).
+        with open(os.path.join(pf, ".source")) as fh, open(_BOOT_ID) as boot:
+            if fh.read() != f"{boot.read().strip()}\n{source}":
                 return None
         # Serve only while a prefetcher runs: otherwise the full path serves the file and
         # starts one, which needs the whole configuration.

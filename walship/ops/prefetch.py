@@ -5,7 +5,8 @@ caps recovery speed. After each fetch of segment N, wal-fetch records N as wante
 sure one detached prefetcher per data directory (an flock) is downloading N+1 .. N+k into
 <spool>/prefetch. A later wal-fetch of a prefetched segment checks its header and renames it
 into place. A prefetched file is written by temp file + fsync + rename after the full
-authenticated decode and digest check, so a partial file is never served; files of other
+authenticated decode and digest check, so a partial file is never served (written without
+fsync, and trusted only within the boot that wrote them: see source_record); files of other
 timelines or behind the wanted position are removed; the whole directory goes when recovery
 ends (no recovery.signal or standby.signal), by the prefetcher or by the next wal-push.
 """
@@ -50,9 +51,24 @@ def cleanup_after_recovery(datadir: Path, spool_dir: Path) -> None:
         shutil.rmtree(pf, ignore_errors=True)
 
 
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def source_record(source: str) -> str:
+    """What .source holds: the configuration's source and the boot that wrote the files.
+    Prefetched files are written without fsync (a prefetcher fsyncing 16 MiB per segment
+    cannot keep ahead of replay), so they are trusted only within the same boot: after an OS
+    crash a file could have its name but not its bytes."""
+    try:
+        boot = BOOT_ID.read_text().strip()
+    except OSError:
+        boot = "unknown"
+    return f"{boot}\n{source}"
+
+
 def _source_matches(pf: Path, source: str) -> bool:
     try:
-        return (pf / ".source").read_text() == source
+        return (pf / ".source").read_text() == source_record(source)
     except OSError:
         return False
 
@@ -99,7 +115,7 @@ def request(config: Config, datadir: Path, spool_dir: Path, wal: WalName,
             for entry in os.listdir(pf):
                 if not entry.startswith("."):
                     os.unlink(pf / entry)
-            _write_atomic(pf / ".source", source)
+            _write_atomic(pf / ".source", source_record(source))
         _write_atomic(pf / ".want", f"{wal.name} {segment_size}")
         if background.is_locked(pf / ".lock"):
             return  # a prefetcher is running and will read the new .want
@@ -171,7 +187,7 @@ def main(argv: list[str]) -> int:
 
             def fetch(w: WalName) -> bool:
                 try:
-                    download_wal(storage, keyring, w, pf / w.name)
+                    download_wal(storage, keyring, w, pf / w.name, durable=False)
                     return True
                 except ObjectNotFound:
                     return False

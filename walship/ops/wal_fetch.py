@@ -69,8 +69,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def download_wal(storage: Storage, keyring: Keyring, name: WalName, dest: Path) -> int:
-    """Fetch, authenticate and atomically place one WAL file at `dest`; returns its size."""
+def download_wal(storage: Storage, keyring: Keyring, name: WalName, dest: Path, *,
+                 durable: bool = True) -> int:
+    """Fetch, authenticate and atomically place one WAL file at `dest`; returns its size.
+    durable=False skips the fsyncs: for the prefetch spool, whose files are only trusted
+    within the boot that wrote them (see prefetch.py)."""
     # Imported here: a fetch served from the prefetch spool needs neither.
     from walship.pipeline import copy_stream, decode
 
@@ -86,7 +89,8 @@ def download_wal(storage: Storage, keyring: Keyring, name: WalName, dest: Path) 
             try:
                 copy_stream(dec, out)
                 out.flush()
-                os.fsync(out.fileno())
+                if durable:
+                    os.fsync(out.fileno())
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EIO):
                     raise LocalIOError(f"cannot write {dest}: {exc.strerror}") from None
@@ -101,7 +105,8 @@ def download_wal(storage: Storage, keyring: Keyring, name: WalName, dest: Path) 
         if name.kind in (WalKind.SEGMENT, WalKind.PARTIAL):
             check_segment_content(tmp, name)
         os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        if durable:
+            _fsync_dir(dest.parent)
         return dec.plaintext_size
     except BaseException:
         with contextlib.suppress(OSError):
