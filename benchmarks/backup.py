@@ -1,7 +1,20 @@
-"""Base backup and restore of a pgbench database: walship against pg_basebackup -Ft with lz4.
+"""Base backup and restore of a pgbench database: walship against pg_basebackup and barman-cloud.
 
-    /opt/walship-venv/bin/python benchmarks/backup.py [--scale 20] [--repeat 3]
+    /opt/walship-venv/bin/python benchmarks/backup.py [--scale 50] [--repeat 3]
         [--partition-size 64MiB] [--concurrency 4] [--no-encryption] [--markdown]
+        [--s3 [--barman-venv /opt/barman-venv] [--barman-jobs 2]]
+
+Without --s3 the store is a local directory. With --s3 the benchmark starts a moto S3 server
+(`python -m moto.server` on 127.0.0.1), walship stores to s3://BUCKET/walship there (WAL
+archiving included), and barman-cloud-backup (`--lz4 -J 2 --immediate-checkpoint`) and
+barman-cloud-restore run against s3://BUCKET/barman on the same server, so every ratio
+compares with barman-cloud in the same run. barman-cloud comes from PyPI's `barman[cloud]`
+plus `lz4`, installed in a separate virtualenv so it cannot disturb walship's dependencies:
+
+    /usr/bin/python3 -m venv /opt/barman-venv
+    /opt/barman-venv/bin/pip install 'barman[cloud]' lz4
+
+pgbench scale 50 is about 750 MiB of data files.
 
 What it does, in one run so that every ratio compares figures from the same machine state:
 
@@ -16,11 +29,14 @@ What it does, in one run so that every ratio compares figures from the same mach
    - pg_basebackup -Ft -X none -c fast --compress=client-lz4 into a directory, as the
      baseline for the push;
    - lz4 -dc base.tar.lz4 | tar -x, as the baseline for the fetch (no verification).
-   Each command runs as the postgres user under /usr/bin/time: wall time and peak RSS (for
-   the pipeline, the larger of lz4 and tar).
+   - with --s3: barman-cloud-backup and barman-cloud-restore.
+   Each command runs as the postgres user under /usr/bin/time: wall time and peak RSS of the
+   largest process (for the pipeline, the larger of lz4 and tar). The process tree is also
+   sampled every 50 ms for the sum of its RSS ("tree RSS"), which is what counts for a tool
+   that forks workers (barman-cloud's -J uploaders are processes, walship's are threads).
 3. Prints medians, MB/s of data-directory bytes (walship's data_bytes), stored sizes, and
-   walship/baseline ratios. Progress goes to stderr, the table to stdout. Everything is
-   cleaned up, also on error or Ctrl-C.
+   walship/baseline ratios (with --s3, against barman-cloud too). Progress goes to stderr,
+   the table to stdout. Everything is cleaned up, also on error or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -31,11 +47,15 @@ import json
 import os
 import pwd
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,23 +105,81 @@ def as_pg(args: list[str], env: Mapping[str, str] | None = None, *, check: bool 
 
 @dataclass
 class Measured:
-    """Wall seconds and peak RSS of one run."""
+    """Wall seconds, peak RSS of the largest process and of the whole tree, of one run."""
 
     seconds: float
     rss_bytes: int
     stdout: str
+    tree_rss_bytes: int = 0
+
+
+_WRAPPERS = frozenset({"runuser", "env", "time", "sh"})
+_NOT_MEASURED: set[int] = set()  # our own servers (moto), children of this process too
+
+
+def _tree_rss(root_pid: int) -> int:
+    """Sum of VmRSS over the descendants of root_pid, leaving out the wrappers (runuser,
+    env, time, sh)."""
+    children: dict[int, list[int]] = {}
+    comms: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                raw = fh.read().decode("ascii", "replace")
+        except OSError:
+            continue
+        comm = raw[raw.index("(") + 1:raw.rindex(")")]
+        ppid = int(raw[raw.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+        comms[int(entry)] = comm
+    total = 0
+    todo = list(children.get(root_pid, []))
+    while todo:
+        pid = todo.pop()
+        if pid in _NOT_MEASURED:
+            continue
+        todo.extend(children.get(pid, []))
+        if comms.get(pid) in _WRAPPERS:
+            continue
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            pass
+    return total
 
 
 def timed(args: list[str], scratch: Path, env: Mapping[str, str] | None = None) -> Measured:
-    """Run as postgres under /usr/bin/time; wall clock measured here, RSS by time(1)."""
+    """Run as postgres under /usr/bin/time; wall clock measured here, RSS of the largest
+    process by time(1), the RSS of the process tree by sampling /proc every 50 ms."""
     out = scratch / "time.out"
     with contextlib.suppress(FileNotFoundError):
         out.unlink()
+    peak = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        me = os.getpid()
+        while not stop.wait(0.05):
+            peak = max(peak, _tree_rss(me))
+
+    sampler = threading.Thread(target=sample, daemon=True)
     started = time.monotonic()
-    proc = as_pg(["/usr/bin/time", "-f", "%M", "-o", str(out), *args], env)
+    sampler.start()
+    try:
+        proc = as_pg(["/usr/bin/time", "-f", "%M", "-o", str(out), *args], env)
+    finally:
+        stop.set()
+        sampler.join()
     seconds = time.monotonic() - started
     rss_kib = int(out.read_text().strip().splitlines()[-1])
-    return Measured(seconds, rss_kib * 1024, proc.stdout)
+    return Measured(seconds, rss_kib * 1024, proc.stdout, max(peak, rss_kib * 1024))
 
 
 @dataclass
@@ -134,10 +212,62 @@ class Results:
     def add(self, op: str, measured: Measured) -> None:
         self.runs.setdefault(op, []).append(measured)
 
-    def median(self, op: str) -> tuple[float, int]:
+    def median(self, op: str) -> tuple[float, int, int]:
+        """Median seconds, median peak RSS, and the largest tree RSS of any run."""
         runs = self.runs[op]
         return (statistics.median(r.seconds for r in runs),
-                int(statistics.median(r.rss_bytes for r in runs)))
+                int(statistics.median(r.rss_bytes for r in runs)),
+                max(r.tree_rss_bytes for r in runs))
+
+
+AWS_REGION = "us-east-1"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def moto_server(root: Path) -> Iterator[dict[str, str]]:
+    """A moto S3 server on a free port with one bucket; yields the AWS_* environment."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("AWS_")}
+    with open(root / "moto.log", "wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                                   "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                                  env=env)
+    _NOT_MEASURED.add(server.pid)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1):  # noqa: S310
+                    break
+            except urllib.error.HTTPError:
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto server did not start: "
+                                       f"{(root / 'moto.log').read_text()[-2000:]}") from None
+                time.sleep(0.1)
+        aws = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench",
+               "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_REGION": AWS_REGION,
+               "AWS_DEFAULT_REGION": AWS_REGION, "AWS_CONFIG_FILE": os.devnull,
+               "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+        import boto3  # walship's own dependency; only the S3 mode needs it here
+        boto3.client("s3", endpoint_url=endpoint, region_name=AWS_REGION,
+                     aws_access_key_id=aws["AWS_ACCESS_KEY_ID"],
+                     aws_secret_access_key=aws["AWS_SECRET_ACCESS_KEY"]
+                     ).create_bucket(Bucket="bench")
+        progress(f"moto server on {endpoint}, pid {server.pid}")
+        yield aws
+    finally:
+        server.kill()
+        server.wait(timeout=10)
 
 
 @contextlib.contextmanager
@@ -151,13 +281,15 @@ def workspace() -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def make_cluster(root: Path, config: Path, scale: int) -> Cluster:
+def make_cluster(root: Path, config: Path, scale: int,
+                 aws: Mapping[str, str] | None = None) -> Cluster:
     cluster = Cluster(root / "pgdata", root / "sock", 25000 + os.getpid() % 5000)
     cluster.sockdir.mkdir()
     chown_pg(cluster.sockdir)
     as_pg([str(PG_BIN / "initdb"), "-D", str(cluster.datadir), "-U", PG_USER, "-A", "trust",
            "--no-sync"])
-    archive_command = f"WALSHIP_CONFIG={config} {WALSHIP} wal-push %p"
+    prefix = "".join(f"{k}={v} " for k, v in (aws or {}).items())
+    archive_command = f"{prefix}WALSHIP_CONFIG={config} {WALSHIP} wal-push %p"
     with open(cluster.datadir / "postgresql.conf", "a") as fh:
         fh.write(f"listen_addresses = ''\nunix_socket_directories = '{cluster.sockdir}'\n"
                  f"port = {cluster.port}\nwal_level = replica\narchive_mode = on\n"
@@ -171,36 +303,93 @@ def make_cluster(root: Path, config: Path, scale: int) -> Cluster:
     return cluster
 
 
+BARMAN_BIN = Path("/opt/barman-venv/bin")
+
+
+def barman_latest(common: list[str], url: str, env: Mapping[str, str]) -> str:
+    """The id of the newest barman-cloud backup of server "pg"."""
+    listing = json.loads(as_pg([str(BARMAN_BIN / "barman-cloud-backup-list"), *common,
+                                "--format", "json", url, "pg"], env).stdout)
+    return str(listing["backups_list"][-1]["backup_id"])
+
+
+def s3_size(aws: Mapping[str, str], prefix: str, backup_id: str) -> int:
+    """Bytes stored under bench/PREFIX/BACKUP_ID/."""
+    import boto3
+    client = boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"], region_name=AWS_REGION,
+                          aws_access_key_id=aws["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=aws["AWS_SECRET_ACCESS_KEY"])
+    total = 0
+    for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket="bench", Prefix=f"{prefix}{backup_id}/"):
+        total += sum(obj["Size"] for obj in page.get("Contents", []))
+    return total
+
+
+def untar(tarball: Path, dest: Path, scratch: Path) -> Measured:
+    return timed(["/bin/sh", "-c", f"mkdir -m 700 {dest} && lz4 -dc {tarball} | "
+                  f"tar -xf - -C {dest}"], scratch)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", type=int, default=20)
+    parser.add_argument("--scale", type=int, default=50)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--partition-size", default="64MiB")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--no-encryption", action="store_true")
+    parser.add_argument("--s3", action="store_true",
+                        help="store on a moto S3 server and compare with barman-cloud")
+    parser.add_argument("--barman-venv", type=Path, default=Path("/opt/barman-venv"))
+    parser.add_argument("--barman-jobs", type=int, default=2)
+    parser.add_argument("--no-basebackup", action="store_true",
+                        help="leave out pg_basebackup and lz4 | tar (saves time with --s3)")
+    parser.add_argument("--walship-pythonpath", type=Path,
+                        help="run walship backup-push/-fetch from the package in this directory "
+                        "(PYTHONPATH), e.g. a copy of an older version, for a before/after")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
+    global BARMAN_BIN
+    BARMAN_BIN = barman_bin = args.barman_venv / "bin"
+    if args.s3 and not (barman_bin / "barman-cloud-backup").exists():
+        parser.error(f"--s3 needs barman-cloud in {args.barman_venv}; see the docstring")
 
     results = Results()
     stored: dict[str, int] = {}
     data_bytes = 0
-    with workspace() as root:
-        store = root / "store"
-        store.mkdir()
+    with workspace() as root, contextlib.ExitStack() as stack:
+        aws: dict[str, str] = stack.enter_context(moto_server(root)) if args.s3 else {}
         config = root / "walship.toml"
-        settings = [f'store = "file://{store}"', f'partition_size = "{args.partition_size}"',
+        if args.s3:
+            store_url = "s3://bench/walship"
+        else:
+            store = root / "store"
+            store.mkdir()
+            store_url = f"file://{store}"
+        settings = [f'store = "{store_url}"', f'partition_size = "{args.partition_size}"',
                     f"concurrency = {args.concurrency}"]
         if not args.no_encryption:
             as_pg([str(WALSHIP), "keygen", "--symmetric", str(root / "secret.key")])
             settings.append(f'key_file = "{root / "secret.key"}"')
         config.write_text("\n".join(settings) + "\n")
         chown_pg(root)
-        cluster = make_cluster(root, config, args.scale)
-        env = {"WALSHIP_CONFIG": str(config), **cluster.env}
+        cluster = make_cluster(root, config, args.scale, aws)
+        env = {"WALSHIP_CONFIG": str(config), **cluster.env, **aws}
+        if args.walship_pythonpath:
+            env["PYTHONPATH"] = str(args.walship_pythonpath.absolute())
+        barman_url = "s3://bench/barman"
+        barman_common = ["--cloud-provider", "aws-s3", "--endpoint-url",
+                         aws.get("AWS_ENDPOINT_URL", "")]
         try:
-            ops = ["walship-push", "walship-fetch", "basebackup", "untar"]
+            ops = ["walship-push", "walship-fetch"]
+            if args.s3:
+                ops += ["barman-push", "barman-fetch"]
+            if not args.no_basebackup:
+                ops += ["basebackup", "untar"]
+            pairs = len(ops) // 2
             for i in range(args.repeat):
-                for op in ops[i % 2 * 2:] + ops[: i % 2 * 2]:  # rotate pairs
+                start = i % pairs * 2
+                for op in ops[start:] + ops[:start]:  # rotate pairs
                     if op == "walship-push":
                         progress(f"run {i + 1}: walship backup-push")
                         m = timed([str(WALSHIP), "backup-push", str(cluster.datadir)], root, env)
@@ -217,6 +406,25 @@ def main(argv: list[str] | None = None) -> int:
                         results.add(op, timed([str(WALSHIP), "backup-fetch", str(dest),
                                                "LATEST"], root, env))
                         shutil.rmtree(dest)
+                    elif op == "barman-push":
+                        progress(f"run {i + 1}: barman-cloud-backup --lz4 -J {args.barman_jobs}")
+                        results.add(op, timed(
+                            [str(barman_bin / "barman-cloud-backup"), *barman_common, "--lz4",
+                             "-J", str(args.barman_jobs), "--immediate-checkpoint",
+                             "-h", str(cluster.sockdir), "-p", str(cluster.port),
+                             "-U", PG_USER, "-n", f"bench-{i}", barman_url, "pg"], root, env))
+                        stored["barman"] = s3_size(aws, "barman/pg/base/",
+                                                   barman_latest(barman_common, barman_url, env))
+                    elif op == "barman-fetch":
+                        if "barman-push" not in results.runs:
+                            continue  # barman-cloud-backup has not run yet in this rotation
+                        progress(f"run {i + 1}: barman-cloud-restore")
+                        backup_id = barman_latest(barman_common, barman_url, env)
+                        dest = root / f"barman-restore-{i}"
+                        results.add(op, timed(
+                            [str(barman_bin / "barman-cloud-restore"), *barman_common,
+                             barman_url, "pg", backup_id, str(dest)], root, env))
+                        shutil.rmtree(dest)
                     elif op == "basebackup":
                         progress(f"run {i + 1}: pg_basebackup -Ft --compress=client-lz4")
                         target = root / "basebackup"
@@ -231,45 +439,59 @@ def main(argv: list[str] | None = None) -> int:
                             continue  # pg_basebackup has not run yet in this rotation
                         progress(f"run {i + 1}: lz4 -dc | tar -x")
                         dest = root / f"untar-{i}"
-                        results.add(op, timed(["/bin/sh", "-c", f"mkdir -m 700 {dest} && "
-                                               f"lz4 -dc {tarball} | tar -xf - -C {dest}"],
-                                              root))
+                        results.add(op, untar(tarball, dest, root))
                         shutil.rmtree(dest)
-            if "untar" not in results.runs:
-                tarball = root / "basebackup" / "base.tar.lz4"
+            if not args.no_basebackup and "untar" not in results.runs:
                 dest = root / "untar-last"
-                results.add("untar", timed(["/bin/sh", "-c", f"mkdir -m 700 {dest} && "
-                                            f"lz4 -dc {tarball} | tar -xf - -C {dest}"], root))
+                results.add("untar", untar(root / "basebackup" / "base.tar.lz4", dest, root))
+            if args.s3 and "barman-fetch" not in results.runs:
+                results.add("barman-fetch", timed(
+                    [str(barman_bin / "barman-cloud-restore"), *barman_common, barman_url, "pg",
+                     barman_latest(barman_common, barman_url, env), str(root / "barman-last")],
+                    root, env))
         finally:
             cluster.stop()
 
     mb = data_bytes / 1e6
+    header = ("operation", "tool", "s", "MB/s", "peak RSS MiB", "tree RSS MiB",
+              "walship time ratio", "walship tree RSS ratio")
     rows = []
-    for label, mine, base in (("backup (push)", "walship-push", "basebackup"),
-                              ("restore (fetch)", "walship-fetch", "untar")):
-        ws, wrss = results.median(mine)
-        bs, brss = results.median(base)
-        rows.append((label, f"{ws:.2f}", f"{mb / ws:.0f}", f"{wrss / MiB:.0f}",
-                     f"{bs:.2f}", f"{mb / bs:.0f}", f"{brss / MiB:.0f}", f"{ws / bs:.2f}",
-                     f"{wrss / max(brss, 1):.1f}"))
-    header = ("operation", "walship s", "MB/s", "RSS MiB", "baseline s", "MB/s", "RSS MiB",
-              "time ratio", "RSS ratio")
+    baselines: list[tuple[str, str, str]] = []
+    if args.s3:
+        baselines += [("barman-push", "barman-fetch", "barman-cloud")]
+    if not args.no_basebackup:
+        baselines += [("basebackup", "untar", "pg_basebackup / lz4|tar")]
+    for label, mine, base_index in (("backup", "walship-push", 0), ("restore", "walship-fetch", 1)):
+        ws, wrss, wtree = results.median(mine)
+        rows.append((label, "walship", f"{ws:.2f}", f"{mb / ws:.0f}", f"{wrss / MiB:.0f}",
+                     f"{wtree / MiB:.0f}", "", ""))
+        for pair in baselines:
+            op = pair[base_index]
+            bs, brss, btree = results.median(op)
+            tool = pair[2]
+            if op == "basebackup":
+                tool = "pg_basebackup -Ft client-lz4"
+            elif op == "untar":
+                tool = "lz4 -dc | tar -x"
+            rows.append((label, tool, f"{bs:.2f}", f"{mb / bs:.0f}", f"{brss / MiB:.0f}",
+                         f"{btree / MiB:.0f}", f"{ws / bs:.2f}", f"{wtree / max(btree, 1):.2f}"))
     encrypted = "no encryption" if args.no_encryption else "lz4 + secret key"
-    print(f"\nbase backup of pgbench scale {args.scale}: {data_bytes / MiB:.0f} MiB of data files, "
-          f"median of {args.repeat}; walship: {encrypted}, partitions of {args.partition_size}, "
-          f"concurrency {args.concurrency}; baseline: pg_basebackup -Ft -X none "
-          f"--compress=client-lz4, and lz4 -dc | tar -x; {os.cpu_count()} CPUs")
+    where = "moto S3 server on 127.0.0.1" if args.s3 else "file store on the same disk"
+    print(f"\nbase backup of pgbench scale {args.scale}: {data_bytes / MiB:.0f} MiB of data "
+          f"files, median of {args.repeat} (tree RSS: the largest of any run); store: {where}; "
+          f"walship: {encrypted}, partitions of {args.partition_size}, concurrency "
+          f"{args.concurrency}" + (f"; barman-cloud: --lz4 -J {args.barman_jobs}"
+                                   if args.s3 else "") + f"; {os.cpu_count()} CPUs")
     if args.markdown:
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
         for row in rows:
-            print("| " + " | ".join(row) + " |")
+            print("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
     else:
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         for row in [header, *rows]:
             print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
-    print(f"stored: walship {stored.get('walship', 0) / MiB:.1f} MiB, pg_basebackup "
-          f"{stored.get('basebackup', 0) / MiB:.1f} MiB")
+    print("stored: " + ", ".join(f"{k} {v / MiB:.1f} MiB" for k, v in stored.items()))
     return 0
 
 

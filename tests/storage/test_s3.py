@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, cast
 
 import boto3
@@ -488,3 +489,32 @@ def test_store_without_conditional_writes_looks_first(s3_store_url: str) -> None
             store.put("wal/k", io.BytesIO(b"second"), if_absent=True)
         with store.get("wal/k") as fh:
             assert fh.read() == b"first"
+
+
+def test_concurrent_puts_share_one_part_budget(s3: S3Storage) -> None:
+    """Backup partitions upload in parallel: the part buffers of all of them together stay
+    within concurrency x part size, and they do not starve each other."""
+    real = s3.client
+    in_flight = 0
+    peak = 0
+    lock = threading.Lock()
+
+    def upload_part(**kwargs: Any) -> Any:
+        nonlocal in_flight, peak
+        with lock:
+            in_flight += 1
+            peak = max(peak, in_flight)
+        try:
+            return real.upload_part(**kwargs)
+        finally:
+            with lock:
+                in_flight -= 1
+
+    s3.client = cast(Any, ProxyClient(real, upload_part=upload_part))
+    blobs = {f"part-{i}": os.urandom(11 * MiB + i) for i in range(5)}
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        for future in [pool.submit(s3.put, k, io.BytesIO(v)) for k, v in blobs.items()]:
+            future.result(timeout=120)
+    assert 1 <= peak <= s3.config.concurrency
+    for key, data in blobs.items():
+        assert read(s3, key) == data

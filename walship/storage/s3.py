@@ -215,6 +215,8 @@ class S3Storage(Storage):
         self.capabilities = Capabilities(create_if_absent=config.s3_conditional_writes,
                                          bulk_delete=True)
         self._bulk_lock = threading.Lock()
+        # The part-buffer budget shared by every upload of this store (see put()).
+        self._slots = threading.BoundedSemaphore(config.concurrency)
         self.client: S3Client = client if client is not None else self._make_client(config)
 
     @staticmethod
@@ -281,11 +283,14 @@ class S3Storage(Storage):
         metadata: Mapping[str, str] | None = None,
         if_absent: bool = False,
     ) -> int:
-        """One PutObject below the multipart threshold, otherwise a multipart upload.
+        """One PutObject for an object smaller than min(s3_multipart_threshold, s3_part_size),
+        otherwise a multipart upload.
 
-        Peak memory: max(s3_multipart_threshold rounded up to a part, s3_part_size x
-        concurrency): the head read to decide between the two paths, then at most
-        `concurrency` part buffers alive at once (read ahead + in flight share the slots).
+        Peak memory: s3_part_size x concurrency for the whole process, however many puts run
+        at once: every part buffer, including the first read that decides between the two
+        paths, holds one slot of a budget shared by all uploads of this store. (A put holds at
+        most one slot before its first part is submitted, and submitted parts always finish,
+        so puts cannot starve each other into a deadlock.)
         """
         full = self._full(key)
         meta = check_metadata(metadata)
@@ -302,23 +307,22 @@ class S3Storage(Storage):
         part_size = self.config.s3_part_size
         # At least one byte, so that an empty source always takes the single-put path.
         threshold = max(self.config.s3_multipart_threshold, 1)
-        head: list[bytes] = []
-        total = 0
-        eof = False
-        while total < threshold:
+        self._slots.acquire()
+        try:
             chunk = _read_exactly(source, part_size)
-            if chunk:
-                head.append(chunk)
-                total += len(chunk)
-            if len(chunk) < part_size:
-                eof = True
-                break
-        if eof and total < threshold:
-            body = head[0] if len(head) == 1 else b"".join(head)
-            head.clear()
-            self._put_single(key, full, body, meta, if_absent)
-            return len(body)
-        return self._put_multipart(key, full, head, None if eof else source, meta, if_absent)
+        except BaseException:
+            self._slots.release()
+            raise
+        eof = len(chunk) < part_size
+        if eof and len(chunk) < threshold:
+            try:
+                self._put_single(key, full, chunk, meta, if_absent)
+            finally:
+                self._slots.release()
+            return len(chunk)
+        # The first part keeps its slot; _upload_parts gives it back when it is uploaded.
+        return self._put_multipart(key, full, [chunk], None if eof else source, meta,
+                                   if_absent)
 
     def _put_single(
         self, key: str, full: str, body: bytes, meta: dict[str, str], if_absent: bool
@@ -354,13 +358,18 @@ class S3Storage(Storage):
     ) -> int:
         where = self._where(key)
         args = self._put_args(meta)
-        created = self.policy.call(
-            lambda: self._call(
-                f"start multipart upload of {where}",
-                lambda: self.client.create_multipart_upload(Key=full, **args),
-            ),
-            f"start multipart upload of {key}",
-        )
+        try:
+            created = self.policy.call(
+                lambda: self._call(
+                    f"start multipart upload of {where}",
+                    lambda: self.client.create_multipart_upload(Key=full, **args),
+                ),
+                f"start multipart upload of {key}",
+            )
+        except BaseException:
+            for _ in head:
+                self._slots.release()  # the head parts' slots, never to be uploaded
+            raise
         upload_id: str = created["UploadId"]
         try:
             parts, total = self._upload_parts(key, full, upload_id, head, source)
@@ -380,9 +389,10 @@ class S3Storage(Storage):
     ) -> tuple[list[dict[str, Any]], int]:
         part_size = self.config.s3_part_size
         concurrency = self.config.concurrency
-        # Memory bound: a slot is taken before a part is read and given back when its upload
-        # ends, so at most `concurrency` parts (s3_part_size x concurrency bytes) exist at once.
-        slots = threading.BoundedSemaphore(concurrency)
+        # Memory bound: a slot of the store-wide budget is taken before a part is read and
+        # given back when its upload ends (the head part arrives holding one already).
+        slots = self._slots
+        head_slots = len(head)
         failed = threading.Event()
         futures: list[Future[dict[str, Any]]] = []
         total = 0
@@ -416,7 +426,10 @@ class S3Storage(Storage):
         with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="walship-s3") as pool:
             number = 0
             while not failed.is_set():
-                slots.acquire()
+                if head_slots:
+                    head_slots -= 1  # taken by put() before it read this part
+                else:
+                    slots.acquire()
                 if failed.is_set():
                     slots.release()
                     break
