@@ -81,10 +81,24 @@ def read_marker(path: Path) -> PushMarker | None:
         return None
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` through a temp file and a rename: readers see the old or
+    the new contents, never a part. No fsync: for the spool's small records only."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_marker(path: Path, marker: PushMarker) -> None:
     """Write a marker atomically. No fsync: a marker lost in a crash only costs a re-push."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(asdict(marker), fh)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(asdict(marker)))

@@ -109,28 +109,34 @@ def test_multipart_put_sends_settings_and_uses_parts(s3_store_url: str) -> None:
     assert head["Metadata"] == {"m": "1"}
 
 
-def test_multipart_keeps_at_most_concurrency_parts_in_flight(s3: S3Storage) -> None:
-    real = s3.client
-    in_flight = 0
-    peak = 0
-    lock = threading.Lock()
+class PartsInFlight:
+    """A client proxy that records the most upload_part calls running at once."""
 
-    def upload_part(**kwargs: Any) -> Any:
-        nonlocal in_flight, peak
-        with lock:
-            in_flight += 1
-            peak = max(peak, in_flight)
+    def __init__(self, s3: S3Storage) -> None:
+        self.real = s3.client
+        self.in_flight = 0
+        self.peak = 0
+        self.lock = threading.Lock()
+        self.proxy = ProxyClient(self.real, upload_part=self.upload_part)
+        s3.client = cast(Any, self.proxy)
+
+    def upload_part(self, **kwargs: Any) -> Any:
+        with self.lock:
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
         try:
-            return real.upload_part(**kwargs)
+            return self.real.upload_part(**kwargs)
         finally:
-            with lock:
-                in_flight -= 1
+            with self.lock:
+                self.in_flight -= 1
 
-    proxy = ProxyClient(real, upload_part=upload_part)
-    s3.client = cast(Any, proxy)
+
+def test_multipart_keeps_at_most_concurrency_parts_in_flight(s3: S3Storage) -> None:
+    counter = PartsInFlight(s3)
+    proxy = counter.proxy
     data = os.urandom(21 * MiB)
     s3.put("big", io.BytesIO(data))
-    assert 1 <= peak <= s3.config.concurrency
+    assert 1 <= counter.peak <= s3.config.concurrency
     assert proxy.calls["upload_part"] == 5
     assert read(s3, "big") == data
 
@@ -494,27 +500,11 @@ def test_store_without_conditional_writes_looks_first(s3_store_url: str) -> None
 def test_concurrent_puts_share_one_part_budget(s3: S3Storage) -> None:
     """Backup partitions upload in parallel: the part buffers of all of them together stay
     within concurrency x part size, and they do not starve each other."""
-    real = s3.client
-    in_flight = 0
-    peak = 0
-    lock = threading.Lock()
-
-    def upload_part(**kwargs: Any) -> Any:
-        nonlocal in_flight, peak
-        with lock:
-            in_flight += 1
-            peak = max(peak, in_flight)
-        try:
-            return real.upload_part(**kwargs)
-        finally:
-            with lock:
-                in_flight -= 1
-
-    s3.client = cast(Any, ProxyClient(real, upload_part=upload_part))
+    counter = PartsInFlight(s3)
     blobs = {f"part-{i}": os.urandom(11 * MiB + i) for i in range(5)}
     with ThreadPoolExecutor(max_workers=5) as pool:
         for future in [pool.submit(s3.put, k, io.BytesIO(v)) for k, v in blobs.items()]:
             future.result(timeout=120)
-    assert 1 <= peak <= s3.config.concurrency
+    assert 1 <= counter.peak <= s3.config.concurrency
     for key, data in blobs.items():
         assert read(s3, key) == data

@@ -115,11 +115,13 @@ def test_write_marker_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     class CrashError(Exception):
         pass
 
-    def half_write(obj: object, fh: object, **kwargs: object) -> None:
-        fh.write('{"store": "file:///half')  # type: ignore[attr-defined]
+    real_write_text = Path.write_text
+
+    def half_write(self: Path, text: str, *args: object, **kwargs: object) -> int:
+        real_write_text(self, text[: len(text) // 2])
         raise CrashError
 
-    monkeypatch.setattr(json, "dump", half_write)
+    monkeypatch.setattr(Path, "write_text", half_write)
     with pytest.raises(CrashError):
         spool.write_marker(path, PushMarker(STORE, 9, 9, 9, SHA))
     # The marker in place is the old one, whole; the half-written file is only a temporary.

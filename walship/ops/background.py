@@ -4,12 +4,22 @@ archive_command/restore_command do not reach them and nobody has to reap them.""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from walship import log
 from walship.config import Config
+from walship.errors import WalshipError
+
+if TYPE_CHECKING:
+    from walship.crypto import Keyring
+    from walship.storage.base import Storage
 
 
 def try_lock(path: Path) -> int | None:
@@ -57,3 +67,43 @@ def spawn(module: str, args: list[str], config: Config, log_path: Path) -> None:
     finally:
         os.close(devnull)
         os.close(logfd)
+
+
+@dataclass(frozen=True)
+class WorkerSession:
+    """What a detached worker works with: its configuration, keys and store."""
+
+    config: Config
+    keyring: Keyring
+    storage: Storage
+
+
+@contextlib.contextmanager
+def worker_session(lock_path: Path) -> Iterator[WorkerSession | None]:
+    """Configuration from the environment spawn() prepared, the worker's flock, keys and the
+    store, all released at the end. None when another worker holds the lock or the
+    configuration is unusable: a detached worker has nobody to report to, and the command
+    that needs the work done does it itself."""
+    from walship.config import load
+    from walship.crypto import Keyring
+    from walship.storage import open_storage
+
+    try:
+        config = load()
+        log.setup(config.log_level)
+        fd = try_lock(lock_path)
+    except (OSError, WalshipError):
+        yield None
+        return
+    if fd is None:
+        yield None
+        return
+    try:
+        keyring = Keyring.from_config(config)
+        storage = open_storage(config.require_store(), config)
+        try:
+            yield WorkerSession(config, keyring, storage)
+        finally:
+            storage.close()
+    finally:
+        os.close(fd)

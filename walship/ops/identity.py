@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +25,7 @@ from walship.errors import (
     ObjectNotFound,
     StorageUnavailable,
 )
+from walship.spool import write_atomic
 from walship.storage.base import Storage
 from walship.wal import SegmentHeader
 
@@ -89,10 +89,7 @@ def _cached(spool: Path, store: str) -> ArchiveIdentity | None:
 def _remember(spool: Path, store: str, identity: ArchiveIdentity) -> None:
     try:
         spool.mkdir(parents=True, exist_ok=True)
-        tmp = _cache_path(spool).with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "w") as fh:
-            json.dump({"store": store, **identity.to_json()}, fh)
-        os.replace(tmp, _cache_path(spool))
+        write_atomic(_cache_path(spool), json.dumps({"store": store, **identity.to_json()}))
     except OSError:
         pass  # only a cache: the next push asks the store again
 

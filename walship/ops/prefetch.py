@@ -24,6 +24,7 @@ from walship import log
 from walship.config import Config
 from walship.errors import IntegrityError, ObjectNotFound, WalshipError
 from walship.ops import background
+from walship.spool import fsync_dir, write_atomic
 from walship.wal import WalKind, WalName, check_segment_size, next_segment, parse_wal_name
 
 _log = log.get("prefetch")
@@ -90,18 +91,8 @@ def take(spool_dir: Path, source: str, wal: WalName, dest: Path) -> int | None:
         with contextlib.suppress(OSError):
             os.unlink(path)
         return None
-    fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(dest.parent)
     return size
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def request(config: Config, datadir: Path, spool_dir: Path, wal: WalName,
@@ -115,8 +106,8 @@ def request(config: Config, datadir: Path, spool_dir: Path, wal: WalName,
             for entry in os.listdir(pf):
                 if not entry.startswith("."):
                     os.unlink(pf / entry)
-            _write_atomic(pf / ".source", source_record(source))
-        _write_atomic(pf / ".want", f"{wal.name} {segment_size}")
+            write_atomic(pf / ".source", source_record(source))
+        write_atomic(pf / ".want", f"{wal.name} {segment_size}")
         if background.is_locked(pf / ".lock"):
             return  # a prefetcher is running and will read the new .want
         _spawn(config, datadir, spool_dir)
@@ -141,53 +132,19 @@ def _window(want: WalName, segment_size: int, depth: int) -> list[WalName]:
 
 def main(argv: list[str]) -> int:
     """The detached prefetcher process: `python -c ... DATADIR SPOOL`."""
-    from walship.config import load
-    from walship.crypto import Keyring
     from walship.ops.wal_fetch import download_wal
-    from walship.storage import open_storage
 
     datadir, spool_dir = Path(argv[0]), Path(argv[1])
     pf = prefetch_dir(spool_dir)
     try:
-        config = load()
-        log.setup(config.log_level)
-        fd = background.try_lock(pf / ".lock")
-    except (OSError, WalshipError):
-        return 0
-    if fd is None:
-        return 0
-    storage = None
-    try:
-        keyring = Keyring.from_config(config)
-        storage = open_storage(config.require_store(), config)
-        last_want = ""
-        last_change = time.monotonic()
-        pool = ThreadPoolExecutor(max_workers=config.concurrency)
-        while True:
-            if not recovery_in_progress(datadir):
-                shutil.rmtree(pf, ignore_errors=True)
+        with background.worker_session(pf / ".lock") as session:
+            if session is None:
                 return 0
-            try:
-                want_text = (pf / ".want").read_text().strip()
-                name, size_text = want_text.split()
-                want = parse_wal_name(name)
-                segment_size = check_segment_size(int(size_text))
-            except (OSError, ValueError):
-                return 0
-            if want_text != last_want:
-                last_want, last_change = want_text, time.monotonic()
-            window = _window(want, segment_size, config.prefetch) if want.kind is \
-                WalKind.SEGMENT else []
-            keep = {w.name for w in window}
-            for entry in os.listdir(pf):
-                if not entry.startswith(".") and entry not in keep:
-                    with contextlib.suppress(OSError):
-                        os.unlink(pf / entry)
-            missing = [w for w in window if not (pf / w.name).exists()]
 
             def fetch(w: WalName) -> bool:
                 try:
-                    download_wal(storage, keyring, w, pf / w.name, durable=False)
+                    download_wal(session.storage, session.keyring, w, pf / w.name,
+                                 durable=False)
                     return True
                 except ObjectNotFound:
                     return False
@@ -195,17 +152,34 @@ def main(argv: list[str]) -> int:
                     _log.warning(f"prefetch of {w} failed: {exc.message}")
                     return False
 
-            fetched = any(list(pool.map(fetch, missing))) if missing else False
-            if not fetched:
-                if time.monotonic() - last_change > IDLE_EXIT_SECONDS:
-                    return 0
-                time.sleep(POLL_SECONDS)
+            last_want = ""
+            last_change = time.monotonic()
+            with ThreadPoolExecutor(max_workers=session.config.concurrency) as pool:
+                while True:
+                    if not recovery_in_progress(datadir):
+                        shutil.rmtree(pf, ignore_errors=True)
+                        return 0
+                    try:
+                        want_text = (pf / ".want").read_text().strip()
+                        name, size_text = want_text.split()
+                        want = parse_wal_name(name)
+                        segment_size = check_segment_size(int(size_text))
+                    except (OSError, ValueError):
+                        return 0
+                    if want_text != last_want:
+                        last_want, last_change = want_text, time.monotonic()
+                    window = (_window(want, segment_size, session.config.prefetch)
+                              if want.kind is WalKind.SEGMENT else [])
+                    keep = {w.name for w in window}
+                    for entry in os.listdir(pf):
+                        if not entry.startswith(".") and entry not in keep:
+                            with contextlib.suppress(OSError):
+                                os.unlink(pf / entry)
+                    missing = [w for w in window if not (pf / w.name).exists()]
+                    if not (missing and any(list(pool.map(fetch, missing)))):
+                        if time.monotonic() - last_change > IDLE_EXIT_SECONDS:
+                            return 0
+                        time.sleep(POLL_SECONDS)
     except WalshipError as exc:
         _log.warning(f"prefetcher stopped: {exc.message}")
         return 0
-    finally:
-        if storage is not None:
-            storage.close()
-        os.close(fd)
-
-

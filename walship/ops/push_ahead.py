@@ -115,58 +115,45 @@ def wait_for_pusher(config: Config, wal_path: Path, spool_dir: Path, source: str
 
 def main(argv: list[str]) -> int:
     """The detached pusher process: `python -c ... WAL_DIR SPOOL SOURCE`."""
-    from walship.config import load
-    from walship.crypto import Keyring
     from walship.ops.wal_push import WalPusher, describe
-    from walship.storage import open_storage
 
     wal_dir, spool_dir, source = Path(argv[0]), Path(argv[1]), argv[2]
     archive_status = wal_dir / "archive_status"
     pd = push_dir(spool_dir)
     try:
-        config = load()
-        log.setup(config.log_level)
-        fd = background.try_lock(pd / ".lock")
-    except (OSError, WalshipError):
-        return 0
-    if fd is None:
-        return 0
-    storage = None
-    try:
-        keyring = Keyring.from_config(config)
-        storage = open_storage(config.require_store(), config)
-        pusher = WalPusher(config, storage, keyring, spool_dir)
-        (pd / "failed").mkdir(exist_ok=True)
-        in_flight: dict[Future[tuple[PushResult, os.stat_result]], str] = {}
-        idle_since = time.monotonic()
-        with ThreadPoolExecutor(max_workers=config.concurrency,
-                                thread_name_prefix="walship-push") as pool:
-            while True:
-                busy = set(in_flight.values())
-                todo = [n for n in ready_files(archive_status)
-                        if n not in busy and not (pd / "failed" / n).exists()
-                        and not has_valid_marker(spool_dir, wal_dir / n, source)]
-                # Keep the pool fed, a few in hand, oldest first (the server waits for those).
-                for name in todo[: max(0, 2 * config.concurrency - len(in_flight))]:
-                    in_flight[pool.submit(pusher.push, wal_dir / name)] = name
-                if not in_flight:
-                    cleanup(spool_dir, archive_status)
-                    if time.monotonic() - idle_since > IDLE_EXIT_SECONDS:
-                        return 0
-                    time.sleep(0.05)
-                    continue
-                idle_since = time.monotonic()
-                done, _ = wait(list(in_flight), timeout=0.5, return_when=FIRST_COMPLETED)
-                for future in done:
-                    name = in_flight.pop(future)
-                    _settle(future, name, source, spool_dir, pd, describe)
+        with background.worker_session(pd / ".lock") as session:
+            if session is None:
+                return 0
+            config = session.config
+            pusher = WalPusher(config, session.storage, session.keyring, spool_dir)
+            (pd / "failed").mkdir(exist_ok=True)
+            in_flight: dict[Future[tuple[PushResult, os.stat_result]], str] = {}
+            idle_since = time.monotonic()
+            with ThreadPoolExecutor(max_workers=config.concurrency,
+                                    thread_name_prefix="walship-push") as pool:
+                while True:
+                    busy = set(in_flight.values())
+                    todo = [n for n in ready_files(archive_status)
+                            if n not in busy and not (pd / "failed" / n).exists()
+                            and not has_valid_marker(spool_dir, wal_dir / n, source)]
+                    # Keep the pool fed, a few in hand, oldest first (the server waits for
+                    # those).
+                    for name in todo[: max(0, 2 * config.concurrency - len(in_flight))]:
+                        in_flight[pool.submit(pusher.push, wal_dir / name)] = name
+                    if not in_flight:
+                        cleanup(spool_dir, archive_status)
+                        if time.monotonic() - idle_since > IDLE_EXIT_SECONDS:
+                            return 0
+                        time.sleep(0.05)
+                        continue
+                    idle_since = time.monotonic()
+                    done, _ = wait(list(in_flight), timeout=0.5, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        name = in_flight.pop(future)
+                        _settle(future, name, source, spool_dir, pd, describe)
     except WalshipError as exc:
         _log.warning(f"background pusher stopped: {exc.message}")
         return 0
-    finally:
-        if storage is not None:
-            storage.close()
-        os.close(fd)
 
 
 def _settle(future: Future[tuple[PushResult, os.stat_result]], name: str, source: str,

@@ -61,14 +61,6 @@ def check_segment_content(path: Path, name: WalName) -> int:
     return header.segment_size
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def download_wal(storage: Storage, keyring: Keyring, name: WalName, dest: Path, *,
                  durable: bool = True) -> int:
     """Fetch, authenticate and atomically place one WAL file at `dest`; returns its size.
@@ -106,7 +98,7 @@ def download_wal(storage: Storage, keyring: Keyring, name: WalName, dest: Path, 
             check_segment_content(tmp, name)
         os.replace(tmp, dest)
         if durable:
-            _fsync_dir(dest.parent)
+            spool.fsync_dir(dest.parent)
         return dec.plaintext_size
     except BaseException:
         with contextlib.suppress(OSError):

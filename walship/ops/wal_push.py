@@ -172,11 +172,13 @@ class WalPusher:
             )
 
 
-def wal_push(config: Config, wal_path: Path, *, source: str | None = None) -> PushResult:
+def wal_push(config: Config, wal_path: Path, *,
+             source: str | None = None) -> PushResult | None:
     """Archive one WAL file (archive_command). Other ready files are pushed by the background
-    pusher; `source` is walship.fastpath.config_source() when configured from the environment."""
+    pusher; `source` is walship.fastpath.config_source() when configured from the environment.
+    Returns what this call pushed, or None when the background pusher had stored the file."""
     try:
-        name = parse_wal_name(wal_path.name)
+        parse_wal_name(wal_path.name)
     except ValueError:
         raise UsageError(f"{wal_path.name!r} is not a WAL file name",
                          hint="archive_command must be 'walship wal-push %p'") from None
@@ -191,7 +193,7 @@ def wal_push(config: Config, wal_path: Path, *, source: str | None = None) -> Pu
         and (push_ahead.has_valid_marker(spool_dir, wal_path, key)
              or push_ahead.wait_for_pusher(config, wal_path, spool_dir, key))
     ):
-        return PushResult(name.name, True, "", 0, 0, 0.0)
+        return None
     keyring = Keyring.from_config(config)
     storage = open_storage(config.require_store(), config)
     try:
