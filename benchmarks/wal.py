@@ -787,7 +787,26 @@ def tables(results: Results, chosen: list[Variant], segments: int, repeat: int,
            _render(["command", "median", "vs python -c pass", "calls"], fast_rows, markdown),
            "", "Targets:"]
     out += [f"- {c}" for c in checks]
+    out += _floor(results, chosen, segments)
     return "\n".join(out)
+
+
+def _floor(results: Results, chosen: list[Variant], segments: int) -> list[str]:
+    """What `segments` interpreter start-ups alone cost against each baseline: PostgreSQL
+    runs archive_command and restore_command once per segment, so no Python tool can be
+    faster than this however little work each call does."""
+    if "python" not in results.fast:
+        return []
+    floor = segments * statistics.median(results.fast["python"])
+    lines = ["", f"Floor: {segments} x `python -c pass` = {floor:.2f}s of start-up alone:"]
+    for v in chosen:
+        if not v.baseline:
+            continue
+        for phase, data in (("archive", results.archive), ("fetch", results.restore)):
+            if v.key in data:
+                base = statistics.median(data[v.key])
+                lines.append(f"- {v.group} {phase}: {floor / base:.2f}x of {v.label}")
+    return lines
 
 
 def _render(headers: list[str], rows: list[list[str]], markdown: bool) -> str:
