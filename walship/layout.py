@@ -5,6 +5,8 @@
     basebackups/<backup>/...            partitions, manifest, backup_label, tablespace_map
     basebackups/<backup>/sentinel.json  the completion marker, written last
     locks/<name>                        cross-host locks (one backup-push or delete at a time)
+    drills/last.json                    the last `walship drill` result (plain JSON)
+    drills/last-success.json            the last successful drill's result
 
 Keys carry no codec or encryption suffix: the object's first bytes say how to read it, so
 each WAL name has exactly one key, create-if-absent covers it whatever the codec, and
@@ -94,3 +96,18 @@ CHECK_PREFIX = "check/"
 def probe_key(name: str) -> str:
     """Key of a probe object that `walship check` writes and deletes again."""
     return CHECK_PREFIX + name
+
+
+# --- Results of `walship drill` ---------------------------------------------------------------
+
+# Plain JSON (not encrypted), so that `walship status` on any host, even one holding only the
+# public key, can report the last drill. Retention never deletes under this prefix: it only
+# plans deletions under wal/ and basebackups/.
+DRILL_PREFIX = "drills/"
+DRILL_LAST_KEY = DRILL_PREFIX + "last.json"
+DRILL_LAST_SUCCESS_KEY = DRILL_PREFIX + "last-success.json"
+
+
+def drill_result_key(*, success_only: bool = False) -> str:
+    """Key of the last drill's result, or of the last successful drill's."""
+    return DRILL_LAST_SUCCESS_KEY if success_only else DRILL_LAST_KEY
