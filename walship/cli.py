@@ -224,6 +224,101 @@ def check_cmd(ctx: _Context, as_json: bool) -> None:
     report.raise_for_missing()
 
 
+def _parse_pg_options(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    result = []
+    for value in values:
+        name, sep, setting = value.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"bad --pg-option {value!r}",
+                             hint="use --pg-option NAME=VALUE, e.g. shared_buffers=128MB")
+        result.append((name.strip(), setting))
+    return tuple(result)
+
+
+@cli.command("drill")
+@click.option("--target-time", help="Replay to this time instead of the end of the archive.")
+@click.option("--latest", is_flag=True, help="Replay the whole archive (the default).")
+@click.option("--backup", "backup_name", default="LATEST", show_default=True,
+              help="The backup to restore (default: the newest that can reach the target).")
+@click.option("--keep", is_flag=True, help="Leave the promoted server's directory in place.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--pg-bin", type=click.Path(file_okay=False, path_type=Path),
+              help="PostgreSQL bin directory (default: found from PATH, pg_config, "
+              "/usr/lib/postgresql/N/bin).")
+@click.option("--check-sql", help="SQL that must run without error (and return true if it "
+              "returns one boolean).")
+@click.option("--check-db", default="postgres", show_default=True,
+              help="Database --check-sql runs in.")
+@click.option("--scratch", type=click.Path(file_okay=False, path_type=Path),
+              help="Directory to restore under (default: the system's temporary directory).")
+@click.option("--timeout", type=click.FloatRange(min=1), default=3600, show_default=True,
+              help="Seconds to wait for replay and promotion.")
+@click.option("--sample", type=click.IntRange(min=0), default=10, show_default=True,
+              help="User tables per database that pg_amcheck checks, besides the catalogs.")
+@click.option("--db-user", help="Superuser of the restored cluster (default: the OS user "
+              "that runs the server).")
+@click.option("--pg-option", "pg_options", multiple=True, metavar="NAME=VALUE",
+              help="A server setting for the drill (e.g. shared_buffers=128MB).")
+@pass_ctx
+def drill_cmd(ctx: _Context, target_time: str | None, latest: bool, backup_name: str,
+              keep: bool, as_json: bool, pg_bin: Path | None, check_sql: str | None,
+              check_db: str, scratch: Path | None, timeout: float, sample: int,
+              db_user: str | None, pg_options: tuple[str, ...]) -> None:
+    """Restore a backup into a scratch directory, replay, promote, check, report."""
+    from walship.ops.drill import DrillOptions, drill
+    from walship.ops.recovery import RecoveryTarget
+
+    if latest and target_time is not None:
+        raise UsageError("give --target-time or --latest, not both")
+    options = DrillOptions(
+        target=RecoveryTarget.parse("time", target_time) if target_time is not None else None,
+        backup=backup_name, keep=keep, pg_bin=pg_bin.absolute() if pg_bin else None,
+        check_sql=check_sql, check_db=check_db,
+        scratch=scratch.absolute() if scratch else None, timeout=timeout, sample=sample,
+        db_user=db_user, pg_options=_parse_pg_options(pg_options))
+    report = drill(ctx.config(), options, walship_command=_walship_command,
+                   environ=dict(os.environ))
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.render())
+    report.raise_for_failure()
+
+
+@cli.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--prometheus", is_flag=True,
+              help="Print node_exporter textfile-collector metrics.")
+@click.option("--dsn", help="libpq connection string for the archive lag (default: PGHOST, "
+              "PGPORT, PGUSER, ...).")
+@pass_ctx
+def status_cmd(ctx: _Context, as_json: bool, prometheus: bool, dsn: str | None) -> None:
+    """The archive's state: newest WAL, archive lag, backups, stored bytes, the last drill."""
+    from walship.ops.status import format_prometheus, status
+
+    if as_json and prometheus:
+        raise UsageError("give --json or --prometheus, not both")
+    report = status(ctx.config(dsn=dsn))
+    if prometheus:
+        click.echo(format_prometheus(report), nl=False)
+    elif as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        click.echo(report.render())
+
+
+@cli.command("verify")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--deep", is_flag=True,
+              help="Download and authenticate every object and check every file's SHA-256 "
+              "(needs the decryption key).")
+@pass_ctx
+def verify_cmd(ctx: _Context, as_json: bool, deep: bool) -> None:
+    """WAL chain per timeline, backups whole, and the window each backup can restore to."""
+    from walship.ops.verify import verify_archive
+
+    report = verify_archive(ctx.config(), deep=deep)
+    click.echo(report.to_json() if as_json else report.render())
+    report.raise_for_problems()
+
+
 def _register_delete() -> None:
     # The retention commands live beside their service (walship/ops/delete_cli.py).
     from walship.ops.delete_cli import delete_group
