@@ -2,6 +2,7 @@
 
     /opt/walship-venv/bin/python benchmarks/backup.py [--scale 50] [--repeat 3]
         [--partition-size 64MiB] [--concurrency 4] [--no-encryption] [--markdown]
+        [--set 'KEY=TOML' ...]
         [--s3 [--barman-venv /opt/barman-venv] [--barman-jobs 2]]
 
 Without --s3 the store is a local directory. With --s3 the benchmark starts a moto S3 server
@@ -347,6 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--walship-pythonpath", type=Path,
                         help="run walship backup-push/-fetch from the package in this directory "
                         "(PYTHONPATH), e.g. a copy of an older version, for a before/after")
+    parser.add_argument("--set", dest="settings", action="append", default=[],
+                        metavar="KEY=TOML", help="one more walship setting, a line of TOML "
+                        "(e.g. --set 's3_part_size=\"8MiB\"'); repeatable")
+    parser.add_argument("--walship-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="one more environment variable for walship's commands "
+                        "(e.g. MALLOC_ARENA_MAX=2); repeatable")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
     global BARMAN_BIN
@@ -371,10 +378,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_encryption:
             as_pg([str(WALSHIP), "keygen", "--symmetric", str(root / "secret.key")])
             settings.append(f'key_file = "{root / "secret.key"}"')
+        settings += args.settings
         config.write_text("\n".join(settings) + "\n")
         chown_pg(root)
         cluster = make_cluster(root, config, args.scale, aws)
         env = {"WALSHIP_CONFIG": str(config), **cluster.env, **aws}
+        env.update(item.split("=", 1) for item in args.walship_env)
         if args.walship_pythonpath:
             env["PYTHONPATH"] = str(args.walship_pythonpath.absolute())
         barman_url = "s3://bench/barman"
