@@ -80,6 +80,13 @@ class _Context:
 pass_ctx = click.make_pass_decorator(_Context)
 
 
+def _limit_arenas() -> None:
+    """For the commands that move buffers between thread pools (walship/memory.py)."""
+    from walship.memory import limit_arenas
+
+    limit_arenas()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(walship.__version__, prog_name="walship")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
@@ -153,6 +160,7 @@ def backup_push_cmd(ctx: _Context, pgdata: Path, dsn: str | None) -> None:
     """Take an online base backup of the server whose data directory is PGDATA."""
     from walship.ops.backup_push import backup_push
 
+    _limit_arenas()
     info = backup_push(ctx.config(dsn=dsn), pgdata, progress=sys.stderr.isatty())
     click.echo(info.name)
 
@@ -185,6 +193,7 @@ def backup_fetch_cmd(ctx: _Context, dest: Path, name: str, target_time: str | No
     from walship.ops.backup_fetch import backup_fetch
     from walship.ops.recovery import RecoveryTarget
 
+    _limit_arenas()
     given = [(kind, value) for kind, value in (
         ("time", target_time), ("lsn", target_lsn), ("xid", target_xid), ("name", target_name),
         ("immediate", "immediate" if target_immediate else None)) if value is not None]
@@ -268,6 +277,7 @@ def drill_cmd(ctx: _Context, target_time: str | None, latest: bool, backup_name:
     from walship.ops.drill import DrillOptions, drill
     from walship.ops.recovery import RecoveryTarget
 
+    _limit_arenas()
     if latest and target_time is not None:
         raise UsageError("give --target-time or --latest, not both")
     options = DrillOptions(
@@ -314,6 +324,7 @@ def verify_cmd(ctx: _Context, as_json: bool, deep: bool) -> None:
     """WAL chain per timeline, backups whole, and the window each backup can restore to."""
     from walship.ops.verify import verify_archive
 
+    _limit_arenas()
     report = verify_archive(ctx.config(), deep=deep)
     click.echo(report.to_json() if as_json else report.render())
     report.raise_for_problems()
