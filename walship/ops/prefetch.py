@@ -140,6 +140,13 @@ def main(argv: list[str]) -> int:
         with background.worker_session(pf / ".lock") as session:
             if session is None:
                 return 0
+            # Half-written downloads of a prefetcher that died (kill -9, the OOM killer): only
+            # the holder of the flock writes them, so every one there now is dead, and each is
+            # up to a segment's size that would otherwise stay until recovery ends.
+            with contextlib.suppress(OSError):
+                for entry in os.listdir(pf):
+                    if entry.startswith(".walship-") and entry.endswith(".tmp"):
+                        os.unlink(pf / entry)
 
             def fetch(w: WalName) -> bool:
                 try:
