@@ -137,8 +137,11 @@ class BackupInfo:
 
     def same_backup(self, other: BackupInfo) -> bool:
         """Whether two descriptions agree on what identifies and locates the backup."""
+        # The times too: LATEST with --target-time chooses by stop_time, so a sentinel whose
+        # times were damaged or forged must not pass for the manifest's backup.
         fields = ("name", "start_lsn", "stop_lsn", "timeline", "system_identifier",
-                  "wal_segment_size", "partitions", "tablespaces", "pg_version_num")
+                  "wal_segment_size", "partitions", "tablespaces", "pg_version_num",
+                  "start_time", "stop_time")
         return all(getattr(self, f) == getattr(other, f) for f in fields)
 
     def replace(self, **changes: Any) -> BackupInfo:

@@ -75,7 +75,7 @@ class Capabilities:
 
 def check_key(key: str) -> str:
     """Reject keys that could escape the prefix or that some store would mangle."""
-    if not KEY_RE.match(key) or any(part in (".", "..") for part in key.split("/")):
+    if not KEY_RE.fullmatch(key) or any(part in (".", "..") for part in key.split("/")):
         raise ValueError(f"invalid storage key {key!r}")
     return key
 
@@ -85,7 +85,7 @@ def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     result = dict(metadata or {})
     total = 0
     for name, value in result.items():
-        if not METADATA_NAME_RE.match(name):
+        if not METADATA_NAME_RE.fullmatch(name):
             raise ValueError(f"invalid metadata name {name!r}")
         if not value.isascii() or not value.isprintable():
             raise ValueError(f"metadata {name!r} must be printable ASCII")

@@ -25,6 +25,7 @@ from walship import log
 from walship.errors import (
     AccessDenied,
     AlreadyExists,
+    IntegrityError,
     ObjectNotFound,
     StorageError,
     StorageUnavailable,
@@ -244,22 +245,41 @@ class LocalStorage(Storage):
             raise ValueError("offset must not be negative")
         path = self._path(key)
         try:
-            fh = open(path, "rb")  # noqa: SIM115 - the caller closes the stream
+            # O_NOFOLLOW and O_NONBLOCK: a link or FIFO planted in the store is refused at
+            # once, instead of reading from outside the store or blocking forever.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise self._not_found(key) from None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise self._not_an_object(key) from None
             raise translate_os_error(exc, f"reading {path}") from exc
+        mode = os.fstat(fd).st_mode
+        if not stat_mod.S_ISREG(mode):
+            os.close(fd)
+            # A directory is a key prefix, not an object; anything else was planted.
+            raise self._not_found(key) if stat_mod.S_ISDIR(mode) else self._not_an_object(key)
+        fh = os.fdopen(fd, "rb")
         if offset:
             fh.seek(offset)
         return fh
+
+    def _not_an_object(self, key: str) -> IntegrityError:
+        return IntegrityError(
+            f"{self.url}/{key} is a symbolic link or special file, which walship never writes",
+            hint="something other than walship changed the store; do not trust it until you "
+            "know what",
+        )
 
     def stat(self, key: str) -> ObjectInfo:
         """Size, mtime and the user.walship.* extended attributes."""
         path = self._path(key)
         try:
-            st = path.stat()
-            if not stat_mod.S_ISREG(st.st_mode):
+            st = path.lstat()
+            if stat_mod.S_ISDIR(st.st_mode):
                 raise FileNotFoundError(errno.ENOENT, "not a regular file", str(path))
+            if not stat_mod.S_ISREG(st.st_mode):
+                raise self._not_an_object(key)
             metadata = self._read_xattrs(path)
         except (FileNotFoundError, NotADirectoryError):
             raise self._not_found(key) from None
@@ -325,7 +345,8 @@ class LocalStorage(Storage):
                     yield from self._walk(Path(entry.path), key, prefix)
             elif key.startswith(prefix):
                 try:
-                    st = entry.stat()
+                    # Not following links: a link planted in the store is not an object.
+                    st = entry.stat(follow_symlinks=False)
                     if not stat_mod.S_ISREG(st.st_mode):
                         continue
                     metadata = self._read_xattrs(Path(entry.path))
