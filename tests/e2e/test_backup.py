@@ -222,6 +222,17 @@ def test_latest_refusals_and_a_hostile_store(pg_factory: PgFactory) -> None:
     assert (dest / "backup_label").read_text().startswith("START WAL LOCATION: ")
     assert second[5:29] in (dest / "backup_label").read_text()
     copy = _restored_cluster(pg_factory, dest)
+    # backup-fetch writes backup_label, then the recovery settings, then recovery.signal last:
+    # a restore killed before its end leaves a directory that cannot start, with or without
+    # backup_label, rather than one that replays from pg_control's (later) checkpoint.
+    (dest / "recovery.signal").rename(dest / "signal.aside")
+    with pytest.raises(AssertionError, match="could not locate required checkpoint record"):
+        copy.start(timeout=60)
+    (dest / "backup_label").rename(dest / "label.aside")
+    with pytest.raises(AssertionError, match="could not locate a valid checkpoint record"):
+        copy.start(timeout=60)
+    (dest / "label.aside").rename(dest / "backup_label")
+    (dest / "signal.aside").rename(dest / "recovery.signal")
     copy.start()
     copy.wait_recovery_done()
     assert copy.psql("select count(*) from t") == count

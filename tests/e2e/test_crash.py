@@ -610,8 +610,9 @@ def _tree_digest(root: Path) -> dict[str, str]:
 
 
 def test_kill_backup_fetch(backup_setup: BackupSetup) -> None:
-    """Kill backup-fetch at random moments: a DEST with backup_label is the complete restore;
-    the re-run refuses a non-empty DEST clearly, and succeeds once it is moved aside."""
+    """Kill backup-fetch at random moments: a DEST with recovery.signal (written last) is the
+    complete restore; the re-run refuses a non-empty DEST clearly, and succeeds once it is
+    moved aside."""
     setup = backup_setup
     source = setup.source
     kind = "backup-fetch"
@@ -620,7 +621,7 @@ def test_kill_backup_fetch(backup_setup: BackupSetup) -> None:
                         kind=kind, trial=-1)
     assert measured.returncode == 0, measured.describe()
     expected = _tree_digest(reference)
-    assert "backup_label" in expected
+    assert "recovery.signal" in expected
     outcomes: collections.Counter[str] = collections.Counter()
     delays = []
     for trial in range(BACKUP_FETCH_TRIALS):
@@ -638,8 +639,9 @@ def test_kill_backup_fetch(backup_setup: BackupSetup) -> None:
         state = "absent"
         if dest.exists():
             got = _tree_digest(dest)
-            if "backup_label" in got:
-                # backup_label is written last: its presence means a complete restore.
+            if "recovery.signal" in got:
+                # recovery.signal is written last: its presence means a complete restore
+                # (without it the directory cannot start; see tests/e2e/test_backup.py).
                 assert got == expected, context()
                 state = "complete"
             else:

@@ -407,12 +407,22 @@ def test_cli_group_dry_run_then_confirm(store: MemoryStorage,
     assert isinstance(bad.exception, UsageError)
 
 
-def test_empty_store_is_nothing_to_do(store: MemoryStorage) -> None:
+def test_empty_store_dry_run_is_nothing_to_do(store: MemoryStorage) -> None:
+    plan, result = retention.delete(Config(store=store.url), retention.policy_retain(1),
+                                    confirm=False)
+    assert plan.deletions == () and "the store is empty" in plan.notes and result is None
+    assert "the store is empty" in retention.render(plan, result, as_json=False, confirm=False)
+
+
+def test_confirmed_delete_in_an_empty_store_is_refused(store: MemoryStorage) -> None:
+    with pytest.raises(ObjectNotFound, match="holds no backups and no WAL"):
+        retention.delete(Config(store=store.url), retention.policy_retain(1), confirm=True)
+    assert list(store.list("")) == []  # not even a lock was written
+    # WAL without a backup yet (a new cluster before its first backup): nothing to do, exit 0.
+    store.put("wal/000000010000000000000001", io.BytesIO(b"w"))
     plan, result = retention.delete(Config(store=store.url), retention.policy_retain(1),
                                     confirm=True)
-    assert plan.deletions == () and "the store is empty" in plan.notes
-    assert result is not None and result.objects == 0
-    assert "the store is empty" in retention.render(plan, result, as_json=False, confirm=True)
+    assert plan.deletions == () and result is not None and result.objects == 0
 
 
 def test_cross_check_against_the_backup_history_files(store: MemoryStorage) -> None:

@@ -8,10 +8,15 @@ store hands over, nothing is written outside DEST and the tablespace directories
 device is created from the archive, nothing is overwritten (tarstream.extract_partition).
 
 Order: check DEST and the tablespace directories (empty or absent), download and verify every
-partition (`concurrency` at a time), then write backup_label, tablespace_map, the pg_tblspc
-links and the recovery settings. backup_label comes last on purpose: a directory that does
-not have it was never completely restored. On any failure, everything this run wrote is
-removed again (DEST was empty, so that is only ever our own files).
+partition (`concurrency` at a time), write tablespace_map and the pg_tblspc links, flush the
+filesystems (syncfs), then backup_label, then the recovery settings with their trigger
+(recovery.signal; recovery.conf before PostgreSQL 12) last. Until the trigger exists the
+directory cannot start: without backup_label PostgreSQL looks for pg_control's checkpoint in
+the empty pg_wal, and with backup_label but no trigger it stops with "could not locate
+required checkpoint record". So a restore killed at any moment never starts a server that
+would replay from the wrong checkpoint, and a restore that finished is on disk before its
+trigger is. On any failure, everything this run wrote is removed again (DEST was empty, so
+that is only ever our own files).
 
 Peak memory: concurrency x (the store's read buffer + one decode step of at most 4 MiB + a
 64 KiB tar header buffer + 3 MiB of stored bytes read ahead (_ReadAhead) + at most 4 MiB
@@ -21,6 +26,7 @@ of file data queued for or held by the writer thread
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import json
@@ -39,7 +45,7 @@ from typing import Any, BinaryIO, cast
 from walship import layout, log, pipeline, tarstream
 from walship.config import Config
 from walship.crypto import Keyring
-from walship.errors import IntegrityError, LocalIOError, UsageError
+from walship.errors import IntegrityError, LocalIOError, ObjectNotFound, UsageError
 from walship.ops.backup_list import BackupInfo, resolve_backup
 from walship.ops.recovery import RecoveryTarget, quote, write_recovery_config
 from walship.storage import open_storage
@@ -76,8 +82,19 @@ class Manifest:
     partitions: tuple[dict[str, Any], ...]
 
 
+def _get(storage: Storage, key: str) -> BinaryIO:
+    """An object the manifest (or the sentinel) says exists. Missing, it is a damaged backup,
+    not an unknown one: the CLI exits 1 only for a backup that does not exist at all."""
+    try:
+        return storage.get(key)
+    except ObjectNotFound:
+        raise IntegrityError(f"{key} is missing from the store: the backup is incomplete",
+                             hint="objects were deleted from the store (by hand or a bucket "
+                             "lifecycle rule); restore another backup") from None
+
+
 def _read_object(storage: Storage, key: str) -> bytes:
-    with storage.get(key) as fh:
+    with _get(storage, key) as fh:
         data = fh.read(_MAX_METADATA_OBJECT + 1)
     if len(data) > _MAX_METADATA_OBJECT:
         raise IntegrityError(f"{key} is implausibly large")
@@ -310,7 +327,7 @@ class _Restore:
         expected = {r.path: r for r in records}
         oid = part["tablespace"]
         root = self.dest if oid is None else self.tablespaces[oid].target
-        with self.storage.get(layout.backup_partition_key(name, index)) as raw, \
+        with _get(self.storage, layout.backup_partition_key(name, index)) as raw, \
                 _ReadAhead(raw) as ahead, \
                 pipeline.decode(cast(BinaryIO, ahead), self.keyring) as stream:
             seen = tarstream.extract_partition(cast(BinaryIO, stream), root, expected,
@@ -348,7 +365,8 @@ class _Restore:
         return files, size
 
     def finish(self, restore_command: str, target: RecoveryTarget | None) -> Path:
-        """pg_wal, tablespace links and map, recovery settings, and backup_label last."""
+        """pg_wal, tablespace links and map; a flush; backup_label; the recovery settings and
+        their trigger last (see the module docstring for why this order)."""
         dest = self.dest
         for sub in ("pg_wal", "pg_wal/archive_status", "pg_tblspc"):
             path = dest / sub
@@ -366,11 +384,14 @@ class _Restore:
         if self.manifest.tablespace_map:
             self._write(dest / "tablespace_map",
                         rewrite_tablespace_map(self.manifest.tablespace_map, targets))
+        for root in (dest, *targets.values()):
+            _sync_filesystem(root)
+        self._write(dest / "backup_label", self.manifest.backup_label)
         info = self.manifest.info
         settings = write_recovery_config(
             dest, restore_command, target, pg_version_num=info.pg_version_num,
             comment=f" {info.name}" + (f", target {target.describe()}" if target else ""))
-        self._write(dest / "backup_label", self.manifest.backup_label)
+        _sync_filesystem(dest)
         return settings
 
     @staticmethod
@@ -384,6 +405,27 @@ class _Restore:
                                  hint="the backup is damaged or hostile") from None
         except OSError as exc:
             raise LocalIOError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _sync_filesystem(path: Path) -> None:
+    """Flush the filesystem holding `path` (syncfs(2): one call for every file restored
+    there, where an fsync per file would cost a call each); os.sync() where syncfs is
+    missing."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise LocalIOError(f"cannot open {path}: {exc.strerror}") from None
+    try:
+        try:
+            syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+        except (OSError, AttributeError):
+            os.sync()
+            return
+        if syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise LocalIOError(f"cannot flush the filesystem of {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 def _plan_tablespaces(manifest: Manifest, remap: Mapping[int, Path], dest: Path

@@ -512,6 +512,16 @@ def delete(config: Config, policy: Policy, *, confirm: bool) -> tuple[Plan, Resu
             inventory = gather_inventory(storage, keyring)
             cross_check(storage, keyring, inventory.backups)
             return plan_deletion(inventory, policy), None
+        # Taking the lock writes to the store, and a file store's put creates missing
+        # directories: look first, so that an unmounted store is an outage, as in a dry run.
+        # A confirmed delete in a store with neither backups nor WAL is refused: a cluster
+        # archives WAL before its first backup, so that is a wrong store URL or prefix, and
+        # "nothing to delete" would hide it from the cron job that runs retention.
+        if _is_empty(storage):
+            raise ObjectNotFound(
+                f"{storage.url} holds no backups and no WAL: nothing to delete",
+                hint="check the store URL and prefix (a dry run, without --confirm, "
+                "shows what the store holds)")
         with store_lock(storage, LOCK_NAME, "delete") as lock:
             inventory = gather_inventory(storage, keyring)
             cross_check(storage, keyring, inventory.backups)
@@ -519,6 +529,12 @@ def delete(config: Config, policy: Policy, *, confirm: bool) -> tuple[Plan, Resu
             return plan, apply_plan(storage, plan, lock)
     finally:
         storage.close()
+
+
+def _is_empty(storage: Storage) -> bool:
+    """No object under the backup or WAL prefixes (one short listing each)."""
+    return all(next(iter(storage.list(prefix)), None) is None
+               for prefix in (layout.BACKUP_PREFIX, layout.WAL_PREFIX))
 
 
 def render(plan: Plan, result: Result | None, *, as_json: bool, confirm: bool) -> str:
