@@ -14,9 +14,7 @@ an IAM policy, not a mock. Entries covered elsewhere are named in
 from __future__ import annotations
 
 import json
-import logging
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -29,8 +27,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.cli_isolation import isolated_cli
 from tests.helpers.moto_server import REGION, free_port, new_bucket, set_aws_environment
-from walship import cli, crypto, layout, log
+from walship import cli, crypto, layout
 from walship.config import Config
 from walship.storage import open_storage
 
@@ -57,18 +56,11 @@ class Result:
 
 @pytest.fixture(autouse=True)
 def _isolate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for var in list(os.environ):
-        if var.startswith("WALSHIP_"):
-            monkeypatch.delenv(var)
-    monkeypatch.setenv("WALSHIP_PUSH_AHEAD", "0")
-    monkeypatch.setenv("WALSHIP_PREFETCH", "0")
-    monkeypatch.chdir(tmp_path)
-    sigterm = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, sigterm)
-    for handler in list(log.logger.handlers):
-        log.logger.removeHandler(handler)
-    log.logger.setLevel(logging.NOTSET)
+    with isolated_cli(monkeypatch):
+        monkeypatch.setenv("WALSHIP_PUSH_AHEAD", "0")
+        monkeypatch.setenv("WALSHIP_PREFETCH", "0")
+        monkeypatch.chdir(tmp_path)
+        yield
 
 
 @pytest.fixture

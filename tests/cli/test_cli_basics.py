@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import signal
 import stat
 import subprocess
 from collections.abc import Callable, Iterator
@@ -14,7 +12,8 @@ from pathlib import Path
 import pytest
 
 import walship
-from walship import cli, log
+from tests.helpers.cli_isolation import isolated_cli
+from walship import cli
 from walship.errors import (
     IntegrityError,
     ObjectNotFound,
@@ -39,17 +38,9 @@ Runner = Callable[[list[str]], Result]
 
 @pytest.fixture(autouse=True)
 def _isolate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for var in list(os.environ):
-        if var.startswith("WALSHIP_"):
-            monkeypatch.delenv(var)
-    monkeypatch.chdir(tmp_path)
-    sigterm = signal.getsignal(signal.SIGTERM)
-    yield
-    # run() installs a SIGTERM handler and log.setup() a stderr handler; undo both.
-    signal.signal(signal.SIGTERM, sigterm)
-    for handler in list(log.logger.handlers):
-        log.logger.removeHandler(handler)
-    log.logger.setLevel(logging.NOTSET)
+    with isolated_cli(monkeypatch):
+        monkeypatch.chdir(tmp_path)
+        yield
 
 
 @pytest.fixture(params=["run", "subprocess"])

@@ -23,9 +23,7 @@ segments), which keeps 84 cases within a few seconds.
 from __future__ import annotations
 
 import io
-import logging
 import os
-import signal
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,8 +33,9 @@ from typing import BinaryIO
 import pytest
 
 from tests.e2e.conftest import switch_and_wait_archived
+from tests.helpers.cli_isolation import isolated_cli
 from tests.helpers.pg import PgCluster, PgFactory, WalshipInstall, chown_pg
-from walship import cli, format, layout, log
+from walship import cli, format, layout
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -151,16 +150,8 @@ def archives(walship_install: WalshipInstall) -> Iterator[Archives]:
 
 @pytest.fixture(autouse=True)
 def _isolate(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for var in list(os.environ):
-        if var.startswith("WALSHIP_"):
-            monkeypatch.delenv(var)
-    sigterm = signal.getsignal(signal.SIGTERM)
-    yield
-    # cli.run() installs a SIGTERM handler and log.setup() a stderr handler; undo both.
-    signal.signal(signal.SIGTERM, sigterm)
-    for handler in list(log.logger.handlers):
-        log.logger.removeHandler(handler)
-    log.logger.setLevel(logging.NOTSET)
+    with isolated_cli(monkeypatch):
+        yield
 
 
 def _run(args: list[str], config: Path, cwd: Path, monkeypatch: pytest.MonkeyPatch,

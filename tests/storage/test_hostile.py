@@ -15,9 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import os
-import signal
 import tarfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -27,7 +25,8 @@ from typing import Any, BinaryIO
 
 import pytest
 
-from walship import cli, crypto, layout, log, pipeline, wal
+from tests.helpers.cli_isolation import isolated_cli
+from walship import cli, crypto, layout, pipeline, wal
 from walship.config import Config
 from walship.ops.backup_list import BackupInfo, sentinel_bytes
 from walship.storage import ObjectInfo, Storage, check_key, open_storage
@@ -40,17 +39,9 @@ LABEL = ("START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n"
 
 @pytest.fixture(autouse=True)
 def _isolate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for var in list(os.environ):
-        if var.startswith("WALSHIP_"):
-            monkeypatch.delenv(var)
-    monkeypatch.chdir(tmp_path)
-    sigterm = signal.getsignal(signal.SIGTERM)
-    yield
-    # cli.run() installs a SIGTERM handler and log.setup() a stderr handler; undo both.
-    signal.signal(signal.SIGTERM, sigterm)
-    for handler in list(log.logger.handlers):
-        log.logger.removeHandler(handler)
-    log.logger.setLevel(logging.NOTSET)
+    with isolated_cli(monkeypatch):
+        monkeypatch.chdir(tmp_path)
+        yield
 
 
 @dataclass(frozen=True)
