@@ -57,7 +57,7 @@ class Config:
     fast_checkpoint: bool = True
     dsn: str | None = field(default=None, repr=False)
     s3_multipart_threshold: int = 64 * MiB
-    s3_part_size: int = 16 * MiB
+    s3_part_size: int = 8 * MiB
     s3_sse: str | None = None
     s3_sse_kms_key_id: str | None = None
     s3_storage_class: str | None = None
@@ -66,6 +66,9 @@ class Config:
     s3_conditional_writes: bool = True
     # "auto" (boto3's choice), "path" (MinIO, Ceph RGW without wildcard DNS) or "virtual".
     s3_addressing_style: str = "auto"
+    # Seconds one socket read from the S3 endpoint may wait: a stalled response is given up
+    # after this and retried (within retry_budget) instead of hanging the operation.
+    s3_read_timeout: float = 60.0
     tls_verify: bool = True
     log_level: str = "info"
 
@@ -92,6 +95,8 @@ class Config:
         if self.s3_addressing_style not in ("auto", "path", "virtual"):
             raise UsageError(f"unknown s3_addressing_style {self.s3_addressing_style!r}",
                              hint="choose auto, path or virtual")
+        if not 0 < self.s3_read_timeout < float("inf"):
+            raise UsageError("s3_read_timeout must be a number of seconds above 0")
         if self.log_level not in LOG_LEVELS:
             raise UsageError(f"unknown log_level {self.log_level!r}",
                              hint=f"choose one of {', '.join(LOG_LEVELS)}")
@@ -206,6 +211,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "s3_storage_class": _optional_str,
     "s3_conditional_writes": _bool,
     "s3_addressing_style": lambda v: str(v).lower(),
+    "s3_read_timeout": float,
     "tls_verify": _bool,
     "log_level": lambda v: str(v).lower(),
 }

@@ -139,8 +139,9 @@ class PgCluster:
         return {"PGHOST": str(self.sockdir), "PGPORT": str(self.port), "PGUSER": PG_USER,
                 "PGDATABASE": "postgres"}
 
-    def initdb(self, *, checksums: bool = False) -> None:
-        """Create the cluster and give it a configuration suitable for archiving tests."""
+    def initdb(self, *, checksums: bool = False, options: tuple[str, ...] = ()) -> None:
+        """Create the cluster and give it a configuration suitable for archiving tests;
+        `options` go to initdb as they are (e.g. ("--wal-segsize=1",) for 1 MiB segments)."""
         self.datadir.mkdir(mode=0o700)
         self.sockdir.mkdir(mode=0o755, exist_ok=True)
         chown_pg(self.datadir)
@@ -149,6 +150,7 @@ class PgCluster:
                 "--no-sync"]
         if checksums:
             args.append("--data-checksums")
+        args.extend(options)
         _run_as_pg(args)
         self.set_conf(
             listen_addresses="''",

@@ -154,11 +154,31 @@ def test_readinto_on_resumed_stream(memory: MemoryStorage) -> None:
     with store.get("k") as stream:
         assert isinstance(stream, io.BufferedIOBase)
         buffer = bytearray(10)
-        assert stream.readinto(buffer) == 4
-        # The fault hits here; the stream reopens at byte 4 and the read completes.
-        assert stream.readinto(memoryview(buffer)[4:]) == 6
+        # The inner stream stops at byte 4 and then fails; the stream reopens at byte 4 and
+        # the one readinto() still fills the whole buffer, as BufferedIOBase promises.
+        assert stream.readinto(buffer) == 10
         assert stream.read() == b""
     assert bytes(buffer) == b"abcdefghij"
+    assert memory_offsets(store) == [0, 4]
+
+
+def memory_offsets(store: RetryingStorage) -> list[int]:
+    """The offsets the FaultyStorage under `store` was asked to get from."""
+    inner = store.inner
+    assert isinstance(inner, FaultyStorage)
+    return inner.get_offsets
+
+
+def test_read_n_is_never_short_before_the_end(memory: MemoryStorage) -> None:
+    """read(n) returns n bytes unless the object ends first, even when an inner read comes
+    back short before a fault (an S3 body cut off mid-way): callers parse one read(n)."""
+    memory.put("k", io.BytesIO(b"0123456789" * 10))
+    store = RetryingStorage(FaultyStorage(memory, read_failures=3, read_fail_every=7), fast())
+    with store.get("k") as stream:
+        assert stream.read(65536) == b"0123456789" * 10
+    with store.get("k") as stream:
+        assert stream.read(30) == b"0123456789" * 3
+        assert stream.read1(1000) != b""
 
 
 def test_list_resumes_without_duplicates(memory: MemoryStorage) -> None:

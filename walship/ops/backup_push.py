@@ -44,7 +44,7 @@ import walship
 from walship import layout, log, pipeline, postgres, tarstream, wal
 from walship.config import Config
 from walship.crypto import Keyring
-from walship.errors import ObjectNotFound, PostgresError, WalshipError
+from walship.errors import AlreadyExists, ObjectNotFound, PostgresError, WalshipError
 from walship.ops.backup_list import BackupInfo, sentinel_bytes
 from walship.ops.identity import ArchiveIdentity, ensure_same_cluster, read_identity
 from walship.ops.locks import StoreLock, store_lock
@@ -412,11 +412,26 @@ class _BackupRun:
         info = info.replace(stored_bytes=info.stored_bytes + len(blob))
         self._wait_for_wal(info)
         self.lock.check()
-        self.storage.put(layout.sentinel_key(name), io.BytesIO(sentinel_bytes(info)),
-                         if_absent=True)
+        self._publish(name, sentinel_bytes(info))
         _log.info("backup %s complete: %s in %d files, %s stored, %d partitions", name,
                   _size(info.data_bytes), info.files, _size(info.stored_bytes), info.partitions)
         return info
+
+    def _publish(self, name: str, sentinel: bytes) -> None:
+        """Write the sentinel, create-if-absent. When the name is taken by these very bytes, an
+        earlier attempt of this put was stored and only its answer was lost (a timeout or reset
+        after the store applied it, then a retry): the backup is complete. Found by
+        tests/e2e/test_faults.py, where backup-push exited 8 ("already exists") for a backup
+        that was complete and listed."""
+        key = layout.sentinel_key(name)
+        try:
+            self.storage.put(key, io.BytesIO(sentinel), if_absent=True)
+        except AlreadyExists:
+            with self.storage.get(key) as fh:
+                stored = fh.read(len(sentinel) + 1)
+            if stored != sentinel:
+                raise
+            _log.debug("the sentinel of %s was stored by an earlier attempt", name)
 
     def _cleanup(self, name: str) -> None:
         """Delete what this run stored (best effort: an unfinished backup is never listed)."""

@@ -158,17 +158,20 @@ class StoreLock:
                 holder = read_lock(self.storage, self.name)
                 if holder is None:
                     continue  # released meanwhile: try again
-                reason = holder.stale_reason(datetime.now(timezone.utc), self.stale_after)
-                if reason is None:
-                    raise LockHeld(
-                        f"the store is locked by {holder.describe()}",
-                        hint="one backup-push or delete runs at a time per store; wait for it, "
-                        f"or if it is dead, delete {self.key} in the store",
-                    ) from None
-                _log.warning("breaking stale lock %s held by %s: %s", self.key,
-                             holder.describe(), reason)
-                self.storage.delete_many([self.key])
-                continue
+                if holder.token != self.token:
+                    reason = holder.stale_reason(datetime.now(timezone.utc), self.stale_after)
+                    if reason is None:
+                        raise LockHeld(
+                            f"the store is locked by {holder.describe()}",
+                            hint="one backup-push or delete runs at a time per store; wait "
+                            f"for it, or if it is dead, delete {self.key} in the store",
+                        ) from None
+                    _log.warning("breaking stale lock %s held by %s: %s", self.key,
+                                 holder.describe(), reason)
+                    self.storage.delete_many([self.key])
+                    continue
+                # Our own token: an earlier attempt of this put was stored and only its answer
+                # was lost, so the retry found the name taken. The lock is ours.
             self._thread = threading.Thread(target=self._beat, name=f"lock-{self.name}",
                                             daemon=True)
             self._thread.start()

@@ -11,7 +11,10 @@ Failure handling keeps PostgreSQL's view authoritative: the pusher never touches
 a file it cannot push gets <spool>/push/failed/<name> and is left to the server's own call,
 which pushes it itself and reports the real error; a pusher that dies (kill -9) releases its
 lock, and every waiting call then pushes its file itself. A marker is only ever written after
-the object was verified, so nothing is reported archived that is not in the store.
+the object was verified, so nothing is reported archived that is not in the store. A new pusher
+forgets the failure notes of earlier ones (written while the store was failing), and a pusher
+stops when PostgreSQL's calls come with another configuration (<push>/.source: the operator
+fixed archive_command), so that the next call starts one that can vouch for its files.
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ def wait_for_pusher(config: Config, wal_path: Path, spool_dir: Path, source: str
     (the pusher failed on it, died, or took too long)."""
     pd = push_dir(spool_dir)
     pd.mkdir(parents=True, exist_ok=True)
+    _want_source(pd, source)
     lock = pd / ".lock"
     if not background.is_locked(lock):
         background.spawn("walship.ops.push_ahead",
@@ -126,12 +130,17 @@ def main(argv: list[str]) -> int:
                 return 0
             config = session.config
             pusher = WalPusher(config, session.storage, session.keyring, spool_dir)
-            (pd / "failed").mkdir(exist_ok=True)
+            _forget_failures(pd / "failed")
             in_flight: dict[Future[tuple[PushResult, os.stat_result]], str] = {}
             idle_since = time.monotonic()
             with ThreadPoolExecutor(max_workers=config.concurrency,
                                     thread_name_prefix="walship-push") as pool:
                 while True:
+                    if _source_changed(pd, source):
+                        _log.warning("the configuration of wal-push changed; this background "
+                                     "pusher stops, the next wal-push starts one with the new "
+                                     "configuration")
+                        return 0
                     busy = set(in_flight.values())
                     todo = [n for n in ready_files(archive_status)
                             if n not in busy and not (pd / "failed" / n).exists()
@@ -154,6 +163,42 @@ def main(argv: list[str]) -> int:
     except WalshipError as exc:
         _log.warning(f"background pusher stopped: {exc.message}")
         return 0
+
+
+def _want_source(pd: Path, source: str) -> None:
+    """Record the configuration PostgreSQL's calls use now (<push>/.source)."""
+    wanted = pd / ".source"
+    with contextlib.suppress(OSError):
+        try:
+            current = wanted.read_text()
+        except FileNotFoundError:
+            current = None
+        if current != source:
+            spool.write_atomic(wanted, source)
+
+
+def _source_changed(pd: Path, source: str) -> bool:
+    """Whether the calls now use another configuration than this pusher's. Its markers would
+    never vouch for their files, and while it runs (it holds the lock) no pusher for the new
+    configuration can start: found by tests/e2e/test_backlog.py, where a pusher started while
+    archive_command pointed at a missing bucket outlived the operator's fix and the whole
+    backlog of 506 segments went up one archive_command call at a time."""
+    try:
+        return (pd / ".source").read_text() != source
+    except OSError:
+        return False
+
+
+def _forget_failures(failed: Path) -> None:
+    """Start without the failure notes of earlier pushers. They were written while the store
+    or the configuration was failing; honouring them after it recovered left a whole backlog
+    to PostgreSQL's serial calls (tests/e2e/test_backlog.py: every one of 506 segments noted
+    during an outage, then pushed one call at a time). A file that still fails gets a new note
+    and its own call pushes it, as before."""
+    failed.mkdir(exist_ok=True)
+    for entry in os.listdir(failed):
+        with contextlib.suppress(OSError):
+            os.unlink(failed / entry)
 
 
 def _settle(future: Future[tuple[PushResult, os.stat_result]], name: str, source: str,

@@ -20,8 +20,8 @@ from typing import BinaryIO, TypeVar, cast
 import tenacity
 
 from walship import log
-from walship.errors import StorageUnavailable, TransientStorageError
-from walship.storage.base import Capabilities, ObjectInfo, Storage
+from walship.errors import IntegrityError, StorageUnavailable, TransientStorageError
+from walship.storage.base import Capabilities, ObjectInfo, Storage, check_key
 
 T = TypeVar("T")
 
@@ -175,6 +175,7 @@ class RetryingStorage(Storage):
                 info = self.policy.call(next_item, f"list {prefix or '(all)'}")
             if info is None:
                 return
+            _check_listed(info.key, prefix, self.url)
             last = info.key
             yield info
 
@@ -188,6 +189,21 @@ class RetryingStorage(Storage):
     def close(self) -> None:
         """Close the backend."""
         self.inner.close()
+
+
+def _check_listed(key: str, prefix: str, url: str) -> None:
+    """The contract's "never a key outside the prefix", enforced here once for every backend:
+    a listing that names one (a buggy server or proxy, a store shared with another tool) is
+    refused rather than acted on."""
+    try:
+        valid = check_key(key).startswith(prefix)
+    except ValueError:
+        valid = False
+    if not valid:
+        raise IntegrityError(
+            f"listing of {url} returned {key!r}, which is not a key under {prefix or '(all)'!r}",
+            hint="the store or a proxy in front of it is misbehaving; do not trust this listing",
+        )
 
 
 def _start_position(source: BinaryIO) -> int | None:
@@ -229,12 +245,35 @@ class _ResumingReader(io.BufferedIOBase):
             raise
 
     def read(self, size: int | None = -1) -> bytes:
+        """`size` bytes, fewer only at the end of the object (as BufferedIOBase promises:
+        callers parse what one read(n) returns). An inner read may come back short when
+        a body is cut off mid-way: an S3 body then returns what arrived before failing on
+        the next read, which this loop turns into a resume. (Found by the fault-proxy
+        tests: half a lock object read as "lost the lock", half a sentinel as corrupt.)"""
         if self.closed:
             raise ValueError("read of a closed storage stream")
         n = -1 if size is None else size
         if n < 0:
             # read() means "to EOF", whatever the inner stream returns per call.
-            return b"".join(iter(lambda: self.read(_CHUNK), b""))
+            return b"".join(iter(lambda: self.read1(_CHUNK), b""))
+        first = self.read1(n)
+        if len(first) == n or not first:
+            return first
+        chunks = [first]
+        remaining = n - len(first)
+        while remaining > 0:
+            data = self.read1(remaining)
+            if not data:
+                break
+            chunks.append(data)
+            remaining -= len(data)
+        return b"".join(chunks)
+
+    def read1(self, size: int = -1) -> bytes:
+        """At most `size` bytes from one inner read (retried and resumed if it fails)."""
+        if self.closed:
+            raise ValueError("read of a closed storage stream")
+        n = _CHUNK if size is None or size < 0 else size
         try:
             data = self._read_once(n)
         except TransientStorageError:
@@ -243,9 +282,6 @@ class _ResumingReader(io.BufferedIOBase):
             )
         self._position += len(data)
         return data
-
-    def read1(self, size: int = -1) -> bytes:
-        return self.read(size)
 
     def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
         view = memoryview(buffer).cast("B")

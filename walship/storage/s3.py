@@ -15,6 +15,7 @@ import io
 import os
 import re
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
@@ -49,10 +50,10 @@ _log = log.get("storage")
 # S3 accepts at most 1000 keys per DeleteObjects request, and 10000 parts per upload.
 DELETE_BATCH = 1000
 MAX_PARTS = 10_000
-# Connect fast or report the endpoint as down; reads wait longer because a busy store may
-# take a while to start sending a large part's response (the timeout is per socket read).
+# Connect fast or report the endpoint as down. Reads wait longer (config.s3_read_timeout,
+# 60 s by default) because a busy store may take a while to start sending a large part's
+# response (the timeout is per socket read).
 CONNECT_TIMEOUT = 10.0
-READ_TIMEOUT = 60.0
 
 _TRANSIENT_CODES = frozenset(
     {
@@ -223,6 +224,8 @@ class S3Storage(Storage):
     def _make_client(config: Config) -> S3Client:
         if not config.tls_verify:
             _log.warning("TLS certificate verification is off for the S3 endpoint (tls_verify)")
+            # Said once above; urllib3 would add a multi-line warning per request to the log.
+            warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
         boto_config = BotoConfig(
             # boto3 >= 1.36 sends and checks CRC checksums by default, which MinIO, Ceph and
             # the GCS interop API reject or do not return; ask only when an API requires it.
@@ -232,7 +235,7 @@ class S3Storage(Storage):
             # time budget the operator controls; SDK retries would multiply it.
             retries={"total_max_attempts": 1, "mode": "standard"},
             connect_timeout=CONNECT_TIMEOUT,
-            read_timeout=READ_TIMEOUT,
+            read_timeout=config.s3_read_timeout,
             max_pool_connections=max(10, config.concurrency * 2),
             user_agent_extra=f"walship/{__version__}",
             # MinIO and Ceph RGW usually serve buckets only in the path (no wildcard DNS).
@@ -580,7 +583,16 @@ class S3Storage(Storage):
                     action,
                     self.bucket,
                 ) from None
+            error = translate(exc, action, self.bucket)
+            if isinstance(error, TransientStorageError):
+                # Not known yet whether the bucket is there: the retry wrapper asks again
+                # rather than let a 503 turn "no bucket" into "no such object".
+                raise error from exc
             # Anything else (e.g. no s3:ListBucket permission): the object answer stands.
+        except Exception as exc:
+            # A reset or timeout of the HeadBucket itself (found by the fault-proxy tests: it
+            # escaped untranslated and wal-fetch exited with an internal error).
+            raise translate(exc, action, self.bucket) from exc
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         """ListObjectsV2 pages; every key must be under our prefix and in ascending order."""
