@@ -11,11 +11,15 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 logger = logging.getLogger("walship")
 
 
-def setup(level: str = "info") -> None:
-    """Send walship's log to stderr. Idempotent."""
+def setup(level: str = "info", *, timestamps: bool = False) -> None:
+    """Send walship's log to stderr. Idempotent. With timestamps (the detached workers, whose
+    stderr is their own log file rather than PostgreSQL's log), each line starts with the time
+    and the process id."""
     if not any(getattr(h, "_walship", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("walship: %(message)s"))
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s walship[%(process)d]: %(message)s" if timestamps
+            else "walship: %(message)s"))
         handler._walship = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
         logger.propagate = False

@@ -42,6 +42,15 @@ def is_locked(path: Path) -> bool:
     return False
 
 
+LOG_ROTATE_BYTES = 1 << 20
+
+
+def _rotate(log_path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if log_path.stat().st_size > LOG_ROTATE_BYTES:
+            log_path.replace(log_path.with_name(log_path.name + ".1"))
+
+
 def spawn(module: str, args: list[str], config: Config, log_path: Path) -> None:
     """Start `module.main(args)` detached, configured like `config`, stderr to `log_path`."""
     package_parent = str(Path(__file__).resolve().parent.parent.parent)
@@ -53,8 +62,11 @@ def spawn(module: str, args: list[str], config: Config, log_path: Path) -> None:
     env.update(config.to_environ())
     devnull = os.open(os.devnull, os.O_RDWR)
     # Not the inherited stderr: whoever captures the command's output would wait for the
-    # helper to exit. Its own log stays small: it is truncated at each start.
-    logfd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # helper to exit. Appended to, so that the retries of an outage are still there to read
+    # after the workers that met them have exited (each exits within seconds when idle);
+    # kept small by one rotation to <log>.1 once it passes LOG_ROTATE_BYTES.
+    _rotate(log_path)
+    logfd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         os.posix_spawn(
             sys.executable,
@@ -90,7 +102,7 @@ def worker_session(lock_path: Path) -> Iterator[WorkerSession | None]:
 
     try:
         config = load()
-        log.setup(config.log_level)
+        log.setup(config.log_level, timestamps=True)
         fd = try_lock(lock_path)
     except (OSError, WalshipError):
         yield None
