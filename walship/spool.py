@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -84,7 +85,8 @@ def read_marker(path: Path) -> PushMarker | None:
 def write_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` through a temp file and a rename: readers see the old or
     the new contents, never a part. No fsync: for the spool's small records only."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # pid and thread: the background pusher's threads may write the same record at once.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 

@@ -254,7 +254,8 @@ def resolve_backup(config_or_storage: Config | Storage, name: str,
         return candidates[-1]
 
 
-def _size(n: int) -> str:
+def format_size(n: float) -> str:
+    """A byte count for people: 12 B, 3.4 MiB."""
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if value < 1024 or unit == "TiB":
@@ -270,8 +271,8 @@ def format_table(backups: list[BackupInfo]) -> str:
     header = ("name", "timeline", "start_lsn", "stop_lsn", "stop_time", "pg", "data", "stored")
     rows = [header] + [
         (b.name, str(b.timeline), wal.format_lsn(b.start_lsn), wal.format_lsn(b.stop_lsn),
-         b.stop_time.isoformat(timespec="seconds"), b.pg_version, _size(b.data_bytes),
-         _size(b.stored_bytes))
+         b.stop_time.isoformat(timespec="seconds"), b.pg_version, format_size(b.data_bytes),
+         format_size(b.stored_bytes))
         for b in backups
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

@@ -45,9 +45,9 @@ from walship import layout, log, pipeline, postgres, tarstream, wal
 from walship.config import Config
 from walship.crypto import Keyring
 from walship.errors import AlreadyExists, ObjectNotFound, PostgresError, WalshipError
-from walship.ops.backup_list import BackupInfo, sentinel_bytes
+from walship.ops.backup_list import BackupInfo, format_size, sentinel_bytes
 from walship.ops.identity import ArchiveIdentity, ensure_same_cluster, read_identity
-from walship.ops.locks import StoreLock, store_lock
+from walship.ops.locks import BACKUP_LOCK, StoreLock, store_lock
 from walship.storage import open_storage
 from walship.storage.base import Storage
 
@@ -57,7 +57,6 @@ MANIFEST_FORMAT = 1
 # How long to wait for the WAL the backup needs to reach the store. The server switches to a
 # new segment at pg_backup_stop, so on a healthy archive this takes seconds.
 ARCHIVE_TIMEOUT = 600.0
-LOCK_NAME = "backup"
 
 
 @dataclass(frozen=True)
@@ -113,14 +112,6 @@ def find_tablespaces(pgdata: Path) -> list[Tablespace]:
     return result
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
-
-
 class _Progress:
     """The TTY progress line: bytes read, estimated total, rate, partitions stored."""
 
@@ -145,11 +136,11 @@ class _Progress:
 
     def _line(self) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-6)
-        done = _size(self.bytes)
+        done = format_size(self.bytes)
         if self.total:
             pct = min(99, int(100 * self.bytes / self.total))
-            done += f" of ~{_size(self.total)} ({pct}%)"
-        return (f"walship: backup-push: {done}, {_size(self.bytes / elapsed)}/s, "
+            done += f" of ~{format_size(self.total)} ({pct}%)"
+        return (f"walship: backup-push: {done}, {format_size(self.bytes / elapsed)}/s, "
                 f"{self.partitions} partition{'s' if self.partitions != 1 else ''} stored")
 
     def start(self) -> None:
@@ -267,7 +258,7 @@ class _BackupRun:
         level = 10 if self.progress.enabled else 20  # debug under a progress line, else info
         _log.log(level, "partition %d (%s, %s .. %s): %d file%s, %s read, %s stored in %.1fs",
                  plan.index, where, first, last, stats.files, "" if stats.files == 1 else "s",
-                 _size(tar_bytes), _size(stored),
+                 format_size(tar_bytes), format_size(stored),
                  time.monotonic() - started)
         if stats.shrunk or stats.vanished:
             _log.debug("partition %d: %d files shrank (zero-padded), %d vanished (skipped): "
@@ -414,7 +405,8 @@ class _BackupRun:
         self.lock.check()
         self._publish(name, sentinel_bytes(info))
         _log.info("backup %s complete: %s in %d files, %s stored, %d partitions", name,
-                  _size(info.data_bytes), info.files, _size(info.stored_bytes), info.partitions)
+                  format_size(info.data_bytes), info.files, format_size(info.stored_bytes),
+                  info.partitions)
         return info
 
     def _publish(self, name: str, sentinel: bytes) -> None:
@@ -466,7 +458,7 @@ def backup_push(config: Config, pgdata: Path, *, progress: bool = False,
             postgres.check_archiving(server, session.archiver_status())
             postgres.check_pgdata(pgdata, server)
             _check_identity(storage, server)
-            with store_lock(storage, LOCK_NAME, "backup-push") as lock:
+            with store_lock(storage, BACKUP_LOCK, "backup-push") as lock:
                 meter = _Progress(progress, session.database_bytes() if progress else None)
                 run = _BackupRun(config, storage, keyring, session, server, pgdata, lock,
                                  meter, archive_timeout)

@@ -120,8 +120,8 @@ def check_identity(storage: Storage, header: SegmentHeader, spool: Path, name: s
                 if known is None:
                     raise IntegrityError(f"{layout.IDENTITY_KEY} vanished while claiming "
                                          "the store") from None
+        _remember(spool, storage.url, known)
     ensure_same_cluster(known, mine, name, storage.url)
-    _remember(spool, storage.url, known)
 
 
 def ensure_same_cluster(known: ArchiveIdentity, mine: ArchiveIdentity, what: str,

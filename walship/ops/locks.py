@@ -224,6 +224,11 @@ class StoreLock:
         self.release()
 
 
+# The lock backup-push and delete take (one of them at a time per store); verify reads it to
+# tell a backup being pushed from one whose push died.
+BACKUP_LOCK = "backup"
+
+
 def store_lock(storage: Storage, name: str, command: str, *,
                stale_after: float = STALE_AFTER, heartbeat: float = HEARTBEAT) -> StoreLock:
     """A lock on the whole store for `command`, e.g. store_lock(s, "backup", "backup-push")."""

@@ -82,8 +82,7 @@ def take(spool_dir: Path, source: str, wal: WalName, dest: Path) -> int | None:
     if not path.exists() or not _source_matches(path.parent, source):
         return None
     try:
-        check_segment_content(path, wal)
-        size = path.stat().st_size
+        size = check_segment_content(path, wal)
         os.replace(path, dest)
     except (OSError, IntegrityError) as exc:
         # Never serve a doubtful file; the store is the source of truth.

@@ -20,6 +20,7 @@ fixed archive_command), so that the next call starts one that can vouch for its 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import time
 from collections.abc import Callable
@@ -142,12 +143,14 @@ def main(argv: list[str]) -> int:
                                      "configuration")
                         return 0
                     busy = set(in_flight.values())
-                    todo = [n for n in ready_files(archive_status)
+                    todo = (n for n in ready_files(archive_status)
                             if n not in busy and not (pd / "failed" / n).exists()
-                            and not has_valid_marker(spool_dir, wal_dir / n, source)]
+                            and not has_valid_marker(spool_dir, wal_dir / n, source))
                     # Keep the pool fed, a few in hand, oldest first (the server waits for
-                    # those).
-                    for name in todo[: max(0, 2 * config.concurrency - len(in_flight))]:
+                    # those). Lazily: each candidate costs a marker read, and a backlog of N
+                    # ready files would otherwise be re-read in full after every push.
+                    wanted = max(0, 2 * config.concurrency - len(in_flight))
+                    for name in itertools.islice(todo, wanted):
                         in_flight[pool.submit(pusher.push, wal_dir / name)] = name
                     if not in_flight:
                         cleanup(spool_dir, archive_status)

@@ -44,14 +44,13 @@ from walship.errors import (
     UsageError,
 )
 from walship.ops.backup_list import BackupInfo, list_backups
-from walship.ops.locks import StoreLock, store_lock
+from walship.ops.locks import BACKUP_LOCK, StoreLock, store_lock
 from walship.storage import open_storage
 from walship.storage.base import Storage
 
 _log = log.get("retention")
 
 # The same lock backup-push takes: a delete never runs while a backup is being pushed.
-LOCK_NAME = "backup"
 # Keys per delete_many call: S3's DeleteObjects limit.
 BATCH = 1000
 
@@ -522,7 +521,7 @@ def delete(config: Config, policy: Policy, *, confirm: bool) -> tuple[Plan, Resu
                 f"{storage.url} holds no backups and no WAL: nothing to delete",
                 hint="check the store URL and prefix (a dry run, without --confirm, "
                 "shows what the store holds)")
-        with store_lock(storage, LOCK_NAME, "delete") as lock:
+        with store_lock(storage, BACKUP_LOCK, "delete") as lock:
             inventory = gather_inventory(storage, keyring)
             cross_check(storage, keyring, inventory.backups)
             plan = plan_deletion(inventory, policy)

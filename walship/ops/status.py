@@ -20,15 +20,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from walship import layout, log, wal
+from walship import layout, wal
 from walship.config import Config
-from walship.errors import IntegrityError, ObjectNotFound
+from walship.errors import IntegrityError
 from walship.ops.backup_list import BackupInfo, list_backups
 from walship.ops.drill import read_record
+from walship.ops.identity import read_identity
 from walship.storage import open_storage, redact_url
 from walship.storage.base import Storage
-
-_log = log.get("status")
 
 # Seconds to wait for the server: status runs from cron and monitoring, and a host that
 # cannot reach the database must still report the archive.
@@ -311,14 +310,11 @@ def status(config: Config, *, server: bool = True) -> StatusReport:
 
 def _identity_size(storage: Storage) -> int | None:
     """The segment size from identity.json (plain JSON), for an archive without backups."""
-    import json
-
     try:
-        with storage.get(layout.IDENTITY_KEY) as fh:
-            doc = json.loads(fh.read(1 << 16))
-        return wal.check_segment_size(int(doc["wal_segment_size"]))
-    except (ObjectNotFound, ValueError, KeyError, TypeError):
+        identity = read_identity(storage)
+    except (IntegrityError, ValueError, KeyError, TypeError):
         return None
+    return identity.wal_segment_size if identity else None
 
 
 # --- Prometheus -------------------------------------------------------------------------------

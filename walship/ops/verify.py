@@ -51,7 +51,7 @@ from walship.errors import (
 from walship.ops.backup_fetch import Manifest, read_manifest
 from walship.ops.backup_list import BackupInfo, read_backup_info
 from walship.ops.identity import read_identity
-from walship.ops.locks import read_lock
+from walship.ops.locks import BACKUP_LOCK, read_lock
 from walship.ops.wal_push import (
     META_COMMIT_SCAN,
     META_LAST_COMMIT,
@@ -71,8 +71,6 @@ MAX_LISTED_MISSING = 1000
 _MAX_SHOWN_MISSING = 8
 _BACKUP_KEY_RE = re.compile(r"^" + re.escape(layout.BACKUP_PREFIX) + r"([^/]+)/(.+)$")
 _HISTORY_READ = 1 << 20
-# backup-push holds this lock while it runs (walship.ops.backup_push.LOCK_NAME).
-_BACKUP_LOCK = "backup"
 
 
 # --- The report ---------------------------------------------------------------------------
@@ -738,7 +736,7 @@ def _verify(config: Config, storage: Storage, keyring: Keyring, deep: bool) -> V
 
     # Backups without a sentinel: a push in progress (it holds the lock) or a push that died
     # (or a sentinel deleted): not usable either way.
-    lock = read_lock(storage, _BACKUP_LOCK) if incomplete else None
+    lock = read_lock(storage, BACKUP_LOCK) if incomplete else None
     newest = infos[-1].sort_key[:2] if infos else (0, 0)
     for name in incomplete:
         if lock is not None and _position(name, segment_size) > newest:

@@ -15,11 +15,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from walship import layout, log, spool, walrecords
 from walship.config import Config
-from walship.crypto import Keyring
 from walship.errors import (
     AlreadyExists,
     IntegrityError,
@@ -31,9 +30,6 @@ from walship.errors import (
 from walship.ops import push_ahead
 from walship.ops.identity import check_identity
 from walship.ops.prefetch import cleanup_after_recovery
-from walship.pipeline import copy_stream, encode
-from walship.storage import open_storage
-from walship.storage.base import Storage
 from walship.wal import (
     LONG_HEADER_SIZE,
     WalKind,
@@ -43,6 +39,12 @@ from walship.wal import (
     parse_timeline_history,
     parse_wal_name,
 )
+
+if TYPE_CHECKING:
+    # Imported where a push happens: a call whose file the background pusher stored returns
+    # before any of them, without paying for the pipeline, the crypto and the store.
+    from walship.crypto import Keyring
+    from walship.storage.base import Storage
 
 _log = log.get("wal_push")
 
@@ -102,6 +104,8 @@ class WalPusher:
 
     def push(self, path: Path) -> tuple[PushResult, os.stat_result]:
         """Push one file; returns the result and the stat of the bytes that were pushed."""
+        from walship.pipeline import copy_stream, encode
+
         started = time.monotonic()
         name = parse_wal_name(path.name)
         fd, st = _open_wal(path)
@@ -253,6 +257,9 @@ def wal_push(config: Config, wal_path: Path, *,
              or push_ahead.wait_for_pusher(config, wal_path, spool_dir, key))
     ):
         return None
+    from walship.crypto import Keyring
+    from walship.storage import open_storage
+
     keyring = Keyring.from_config(config)
     storage = open_storage(config.require_store(), config)
     try:
