@@ -55,6 +55,8 @@ class Config:
     spool_dir: Path | None = None
     partition_size: int = 1 * GiB
     fast_checkpoint: bool = True
+    # Seconds backup-push waits for the WAL its backup needs to be in the store.
+    archive_timeout: float = 600.0
     dsn: str | None = field(default=None, repr=False)
     s3_multipart_threshold: int = 64 * MiB
     s3_part_size: int = 8 * MiB
@@ -95,6 +97,8 @@ class Config:
         if self.s3_addressing_style not in ("auto", "path", "virtual"):
             raise UsageError(f"unknown s3_addressing_style {self.s3_addressing_style!r}",
                              hint="choose auto, path or virtual")
+        if not 0 < self.archive_timeout < float("inf"):
+            raise UsageError("archive_timeout must be a number of seconds above 0")
         if not 0 < self.s3_read_timeout < float("inf"):
             raise UsageError("s3_read_timeout must be a number of seconds above 0")
         if self.log_level not in LOG_LEVELS:
@@ -203,6 +207,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "spool_dir": _optional_path,
     "partition_size": _size,
     "fast_checkpoint": _bool,
+    "archive_timeout": float,
     "dsn": _optional_str,
     "s3_multipart_threshold": _size,
     "s3_part_size": _size,

@@ -151,17 +151,18 @@ def _read_block(source: BinaryIO, size: int) -> bytes:
     return bytes(data) if not isinstance(data, bytes) else data
 
 
-def _encode_job(source: BinaryIO, size: int, sha: hashlib._Hash, unhashed: bytes | None,
+def _encode_job(source: BinaryIO, size: int, sha: hashlib._Hash | None, unhashed: bytes | None,
                 sealer: StreamEncryptor | None, held: bytes) -> tuple[bytes, list[bytes]]:
     """EncodeStream's helper-thread work for one block: seal the compressed bytes `held`,
     hash `unhashed` if given, then read and hash the next block. Returns (next block,
     sealed chunks). A module function, so the thread never holds a reference to the stream.
     """
     chunks = sealer.update(held) if sealer is not None and held else []
-    if unhashed is not None:
+    if sha is not None and unhashed is not None:
         sha.update(unhashed)
     data = _read_block(source, size)
-    sha.update(data)
+    if sha is not None:
+        sha.update(data)
     return data, chunks
 
 
@@ -292,7 +293,7 @@ class EncodeStream(_PullStream):
 
     def __init__(self, source: BinaryIO, compression: str, keyring: Keyring | None, *,
                  random: Callable[[int], bytes] | None = None,
-                 block_size: int = BLOCK_SIZE) -> None:
+                 block_size: int = BLOCK_SIZE, digest: bool = True) -> None:
         super().__init__()
         if compression not in codecs.CODEC_IDS:
             raise ValueError(f"unknown compression {compression!r}")
@@ -306,7 +307,7 @@ class EncodeStream(_PullStream):
         self._started = False
         self._compressor: codecs.Compressor = codecs.new_compressor(compression)
         self._encryptor: StreamEncryptor | None = None
-        self._sha = hashlib.sha256()
+        self._sha = hashlib.sha256() if digest else None
         self._helper: _Helper[tuple[bytes, list[bytes]]] = _Helper("walship-encode")
         # The next source block, read (and hashed) ahead by the helper thread.
         self._ahead = b""
@@ -378,7 +379,8 @@ class EncodeStream(_PullStream):
         self._plain += len(data)
         if not helper.started and len(data) < THREADED_HASH_MIN:
             # Small objects (and small first reads) never start a thread.
-            self._sha.update(data)
+            if self._sha is not None:
+                self._sha.update(data)
             self._emit(self._compressor.compress(data))
             return
         # From here on the helper reads and hashes every block (so the digest stays in
@@ -411,6 +413,8 @@ class EncodeStream(_PullStream):
     def plaintext_sha256(self) -> str:
         """Hex SHA-256 of everything read from the source (after EOF)."""
         self._done("plaintext_sha256")
+        if self._sha is None:
+            raise RuntimeError("this stream was made with digest=False")
         return self._sha.hexdigest()
 
     @property
@@ -430,7 +434,7 @@ class DecodeStream(_PullStream):
     """Stored bytes from `source` -> plaintext, checking everything on the way."""
 
     def __init__(self, source: BinaryIO, keyring: Keyring | None, *,
-                 block_size: int = BLOCK_SIZE) -> None:
+                 block_size: int = BLOCK_SIZE, digest: bool = True) -> None:
         super().__init__()
         self._source = source
         self._keyring = keyring
@@ -444,7 +448,7 @@ class DecodeStream(_PullStream):
         self._codec = "none"
         self._encrypted = False
         self._helper: _Helper[None] = _Helper("walship-sha256")
-        self._sha = _Hasher(self._helper)
+        self._sha = _Hasher(self._helper) if digest else None
 
     @property
     def codec(self) -> str:
@@ -504,7 +508,8 @@ class DecodeStream(_PullStream):
 
     def _emit(self, data: bytes) -> None:
         if data:
-            self._sha.update(data)
+            if self._sha is not None:
+                self._sha.update(data)
             self._plain += len(data)
             self._out.push(data)
 
@@ -541,6 +546,8 @@ class DecodeStream(_PullStream):
     def plaintext_sha256(self) -> str:
         """Hex SHA-256 of the plaintext (after a clean EOF)."""
         self._done("plaintext_sha256")
+        if self._sha is None:
+            raise RuntimeError("this stream was made with digest=False")
         return self._sha.hexdigest()
 
     @property
@@ -551,20 +558,22 @@ class DecodeStream(_PullStream):
 
 
 def encode(source: BinaryIO, compression: str, keyring: Keyring | None, *,
-           random: Callable[[int], bytes] | None = None) -> EncodeStream:
+           random: Callable[[int], bytes] | None = None, digest: bool = True) -> EncodeStream:
     """A readable stream of the stored form of `source`: compressed, encrypted if the keyring
-    encrypts. `random` replaces os.urandom (tests and golden vectors only)."""
-    return EncodeStream(source, compression, keyring, random=random)
+    encrypts. `random` replaces os.urandom (tests and golden vectors only). With
+    digest=False there is no plaintext_sha256 (a full pass of SHA-256 saved, for callers
+    that hash what they need themselves)."""
+    return EncodeStream(source, compression, keyring, random=random, digest=digest)
 
 
-def decode(source: BinaryIO, keyring: Keyring | None) -> DecodeStream:
+def decode(source: BinaryIO, keyring: Keyring | None, *, digest: bool = True) -> DecodeStream:
     """A readable stream of the plaintext of a stored object read from `source`.
 
     The codec and encryption are discovered from the object's first bytes. Raises
     IntegrityError (damage, truncation, trailing bytes) or KeyMismatch (no matching key,
     or a plaintext object while keys are configured) from read(), where the problem is found.
     """
-    return DecodeStream(source, keyring)
+    return DecodeStream(source, keyring, digest=digest)
 
 
 def encode_bytes(data: bytes, compression: str, keyring: Keyring | None, *,

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from walship import diskio
 from walship.errors import IntegrityError, LocalIOError, WalshipError
 
 BLOCK = 512
@@ -492,7 +493,7 @@ _WRITE_QUEUE = 3
 class _OpenFile:
     """One file being restored: its descriptor and the running hash of what was written."""
 
-    __slots__ = ("closed", "digest", "fd", "name", "record", "target", "written")
+    __slots__ = ("closed", "digest", "fd", "name", "record", "target", "written", "written_back")
 
     def __init__(self, fd: int, target: Path, name: str, record: FileRecord) -> None:
         self.fd = fd
@@ -501,6 +502,7 @@ class _OpenFile:
         self.record = record
         self.digest = hashlib.sha256()
         self.written = 0
+        self.written_back = 0  # bytes whose writeback was started (diskio)
         self.closed = False
 
     def write(self, data: bytes) -> None:
@@ -512,6 +514,12 @@ class _OpenFile:
                 view = view[os.write(self.fd, view):]
         except OSError as exc:
             raise LocalIOError(f"cannot write {self.target}: {exc.strerror}") from None
+        if self.written - self.written_back >= diskio.WRITEBACK_AFTER:
+            self._start_writeback()
+
+    def _start_writeback(self) -> None:
+        diskio.start_writeback(self.fd, self.written_back, self.written - self.written_back)
+        self.written_back = self.written
 
     def close(self) -> None:
         if not self.closed:
@@ -520,6 +528,7 @@ class _OpenFile:
 
     def finish(self, where: str) -> None:
         """Close, then check size and SHA-256 against the manifest; set the mtime."""
+        self._start_writeback()
         self.close()
         record = self.record
         digest = self.digest.hexdigest()

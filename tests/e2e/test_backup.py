@@ -305,3 +305,55 @@ def test_backup_push_refuses_a_server_whose_archiving_fails(pg_factory: PgFactor
     assert "locked by backup-push (pid 4242 on db2)" in locked.stderr
     lock.unlink()
     _push(archive, cluster)
+
+
+def _gate_archiving(cluster: PgCluster, archive: Archive, gate: Path) -> None:
+    """Hold the archiver: its command waits until `gate` exists, then runs wal-push."""
+    command = f"while [ ! -e {gate} ]; do sleep 0.1; done; {archive.archive_command}"
+    cluster.set_conf(archive_command=f"'{command}'")
+    cluster.psql("select pg_reload_conf()")
+
+
+def test_backup_push_ships_its_wal_when_the_archiver_lags(pg_factory: PgFactory) -> None:
+    # The archiver is held for the whole backup-push: the backup is complete anyway, because
+    # backup-push pushes the WAL files still waiting in archive_status/ itself. The archiver's
+    # own wal-push of the same files later finds them identical and succeeds.
+    archive = _file_archive(pg_factory, extra={"archive_timeout": 30})
+    cluster = archiving_cluster(pg_factory, archive)
+    cluster.psql("create table t as select generate_series(1, 1000) as i")
+    switch_and_wait_archived(cluster)  # the store now archives this cluster
+    gate = pg_factory.new_path("gate")
+    _gate_archiving(cluster, archive, gate)
+    archived_before = cluster.psql("select archived_count from pg_stat_archiver")
+    name = _push(archive, cluster)
+    assert cluster.psql("select archived_count from pg_stat_archiver") == archived_before
+    listed = json.loads(_walship(archive, "backup-list", "--json").stdout)
+    info = next(b for b in listed if b["name"] == name)
+    store = Path(archive.store_url.removeprefix("file://"))
+    assert (store / layout.wal_key(info["stop_wal"])).is_file()
+    verified = _walship(archive, "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+    gate.touch()
+    switch_and_wait_archived(cluster)
+    assert cluster.psql("select failed_count from pg_stat_archiver") == "0"
+
+
+def test_a_first_backup_into_a_store_the_archiver_does_not_feed_fails(
+        pg_factory: PgFactory) -> None:
+    # With nothing archived into the store yet, backup-push must not ship WAL itself: a
+    # store the archive_command does not write to would get one backup and never the WAL
+    # after it. It waits for the archiver instead, and gives up after archive_timeout.
+    archive = _file_archive(pg_factory, extra={"archive_timeout": 3})
+    cluster = archiving_cluster(pg_factory, archive)
+    gate = pg_factory.new_path("gate")
+    _gate_archiving(cluster, archive, gate)
+    started = time.monotonic()
+    refused = _walship(archive, "backup-push", str(cluster.datadir), env=cluster.libpq_env)
+    assert refused.returncode == 13, refused.stderr
+    assert "was not archived within 3s" in refused.stderr
+    assert time.monotonic() - started < 60
+    assert json.loads(_walship(archive, "backup-list", "--json").stdout) == []
+    store = Path(archive.store_url.removeprefix("file://"))
+    assert not list(store.glob(f"{layout.WAL_PREFIX}*")), "backup-push shipped WAL itself"
+    gate.touch()

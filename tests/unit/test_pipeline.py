@@ -314,3 +314,28 @@ def test_no_boto3_on_import() -> None:
 
 def _iter_chunks(blob: bytes) -> Iterator[bytes]:  # pragma: no cover - helper for debugging
     yield from (blob[i : i + SEALED] for i in range(0, len(blob), SEALED))
+
+
+@pytest.mark.parametrize("ring_name", list(RINGS))
+@pytest.mark.parametrize("size", [0, 1000, 3 * 1024 * 1024 + 5])
+def test_digest_off_stores_the_same_format(ring_name: str, size: int) -> None:
+    # Backup partitions skip the stream digest (each file carries its own): the stored form
+    # must be exactly what a digesting stream writes, and decoding must still authenticate.
+    data = sample(size)
+    ring = RINGS[ring_name]
+    with pipeline.encode(io.BytesIO(data), "lz4", ring, random=bytes, digest=False) as enc:
+        blob = enc.read()
+        assert enc.plaintext_size == size
+        with pytest.raises(RuntimeError, match="digest=False"):
+            _ = enc.plaintext_sha256
+    assert blob == pipeline.encode_bytes(data, "lz4", ring, random=bytes)
+    with pipeline.decode(io.BytesIO(blob), ring, digest=False) as dec:
+        assert dec.read() == data
+        with pytest.raises(RuntimeError, match="digest=False"):
+            _ = dec.plaintext_sha256
+    if ring is not None and size:
+        damaged = bytearray(blob)
+        damaged[-20] ^= 1
+        with pytest.raises(IntegrityError), \
+                pipeline.decode(io.BytesIO(bytes(damaged)), ring, digest=False) as dec:
+            dec.read()

@@ -289,6 +289,38 @@ def test_extract_roundtrip(tmp_path: Path) -> None:
     assert (dest / "base").stat().st_mode & 0o777 == 0o700
 
 
+def test_extract_starts_writeback_of_every_byte_in_order(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Restored files go to disk while the rest downloads (walship/diskio.py): each file's
+    # writeback is started over contiguous ranges that end at its size, so the final syncfs
+    # has only the last ranges left to wait for.
+    calls: dict[int, list[tuple[int, int]]] = {}
+    real = tarstream.diskio.start_writeback
+
+    def record(fd: int, offset: int, nbytes: int) -> None:
+        calls.setdefault(os.fstat(fd).st_ino, []).append((offset, nbytes))
+        real(fd, offset, nbytes)
+
+    monkeypatch.setattr(tarstream.diskio, "start_writeback", record)
+    root = tmp_path / "src"
+    big = os.urandom(1024) * (2 * tarstream.diskio.WRITEBACK_AFTER // 1024 + 77)
+    _write(root / "base" / "1" / "16384", big)
+    _write(root / "PG_VERSION", b"15\n")
+    reader = TarPartitionReader(root, list(walk_pgdata(root)))
+    data = _stream(reader)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    extract_partition(io.BytesIO(data), dest, {r.path: r for r in reader.records}, where="t")
+    assert (dest / "base" / "1" / "16384").read_bytes() == big
+    restored = {p.stat().st_ino: p.stat().st_size for p in dest.rglob("*") if p.is_file()}
+    assert calls.keys() == restored.keys()
+    for inode, ranges in calls.items():
+        assert ranges[0][0] == 0
+        assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(ranges))
+        assert ranges[-1][0] + ranges[-1][1] == restored[inode]
+    assert max(len(ranges) for ranges in calls.values()) >= 3
+
+
 def _tar(*members: tuple[tarfile.TarInfo, bytes | None]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:

@@ -3,12 +3,14 @@
 Trust: the sentinel is plain JSON and only picks the backup; the manifest (encrypted and
 authenticated like every other object) is the reference, and must agree with the sentinel.
 Each partition's file list is checked against the SHA-256 the manifest holds for it, each
-partition's tar against its SHA-256, and each file against its size and SHA-256. Whatever the
+file against its size and SHA-256 (and, in backups that recorded one, each partition's whole
+tar against its SHA-256: docs/backups.md, "Why no tar hash"). Whatever the
 store hands over, nothing is written outside DEST and the tablespace directories, no link or
 device is created from the archive, nothing is overwritten (tarstream.extract_partition).
 
 Order: check DEST and the tablespace directories (empty or absent), download and verify every
-partition (`concurrency` at a time), write tablespace_map and the pg_tblspc links, flush the
+partition (`concurrency` at a time; each file's writeback starts while it is written,
+walship/diskio.py), write tablespace_map and the pg_tblspc links, flush the
 filesystems (syncfs), then backup_label, then the recovery settings with their trigger
 (recovery.signal; recovery.conf before PostgreSQL 12) last. Until the trigger exists the
 directory cannot start: without backup_label PostgreSQL looks for pg_control's checkpoint in
@@ -26,7 +28,6 @@ of file data queued for or held by the writer thread
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import io
 import json
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-from walship import layout, log, pipeline, tarstream
+from walship import diskio, layout, log, pipeline, tarstream
 from walship.config import Config
 from walship.crypto import Keyring
 from walship.errors import IntegrityError, LocalIOError, ObjectNotFound, UsageError
@@ -139,7 +140,8 @@ def read_manifest(storage: Storage, keyring: Keyring, info: BackupInfo) -> Manif
         for index, part in enumerate(partitions):
             assert isinstance(part, dict) and part["index"] == index
             assert part["tablespace"] is None or part["tablespace"] in oids
-            assert isinstance(part["tar_sha256"], str) and isinstance(part["files_sha256"], str)
+            assert part.get("tar_sha256") is None or isinstance(part["tar_sha256"], str)
+            assert isinstance(part["files_sha256"], str)
     except (AssertionError, KeyError, TypeError, ValueError):
         raise _bad(name, "is malformed") from None
     if len(partitions) != info.partitions or tuple(sorted(oids)) != tuple(sorted(info.tablespaces)):
@@ -327,14 +329,16 @@ class _Restore:
         expected = {r.path: r for r in records}
         oid = part["tablespace"]
         root = self.dest if oid is None else self.tablespaces[oid].target
+        tar_sha = part.get("tar_sha256")  # older backups only: new ones store null
         with _get(self.storage, layout.backup_partition_key(name, index)) as raw, \
                 _ReadAhead(raw) as ahead, \
-                pipeline.decode(cast(BinaryIO, ahead), self.keyring) as stream:
+                pipeline.decode(cast(BinaryIO, ahead), self.keyring,
+                                digest=tar_sha is not None) as stream:
             seen = tarstream.extract_partition(cast(BinaryIO, stream), root, expected,
                                                where=where, abort=self.abort)
             while stream.read(tarstream.READ_SIZE):
-                pass  # to the end, so that the last chunk is authenticated and hashed
-            if stream.plaintext_sha256 != part["tar_sha256"]:
+                pass  # to the end, so that the last chunk is authenticated (and hashed)
+            if tar_sha is not None and stream.plaintext_sha256 != tar_sha:
                 raise IntegrityError(f"{where}: the tar stream does not match the manifest",
                                      hint="the backup is damaged or objects were swapped")
         assert seen == expected.keys()
@@ -384,14 +388,16 @@ class _Restore:
         if self.manifest.tablespace_map:
             self._write(dest / "tablespace_map",
                         rewrite_tablespace_map(self.manifest.tablespace_map, targets))
+        flushing = time.monotonic()
         for root in (dest, *targets.values()):
-            _sync_filesystem(root)
+            diskio.sync_filesystem(root)
+        _log.debug("flushed the restored files to disk in %.2fs", time.monotonic() - flushing)
         self._write(dest / "backup_label", self.manifest.backup_label)
         info = self.manifest.info
         settings = write_recovery_config(
             dest, restore_command, target, pg_version_num=info.pg_version_num,
             comment=f" {info.name}" + (f", target {target.describe()}" if target else ""))
-        _sync_filesystem(dest)
+        diskio.sync_filesystem(dest)
         return settings
 
     @staticmethod
@@ -405,27 +411,6 @@ class _Restore:
                                  hint="the backup is damaged or hostile") from None
         except OSError as exc:
             raise LocalIOError(f"cannot write {path}: {exc.strerror}") from None
-
-
-def _sync_filesystem(path: Path) -> None:
-    """Flush the filesystem holding `path` (syncfs(2): one call for every file restored
-    there, where an fsync per file would cost a call each); os.sync() where syncfs is
-    missing."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError as exc:
-        raise LocalIOError(f"cannot open {path}: {exc.strerror}") from None
-    try:
-        try:
-            syncfs = ctypes.CDLL(None, use_errno=True).syncfs
-        except (OSError, AttributeError):
-            os.sync()
-            return
-        if syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise LocalIOError(f"cannot flush the filesystem of {path}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
 
 
 def _plan_tablespaces(manifest: Manifest, remap: Mapping[int, Path], dest: Path
@@ -521,6 +506,8 @@ def backup_fetch(config: Config, dest: Path, name: str, *, target: RecoveryTarge
                 created.append((ts.target, existed[ts.oid]))
             restore = _Restore(config, storage, keyring, manifest, dest, plans)
             files, size = restore.download()
+            _log.debug("downloaded and verified %d partitions in %.2fs",
+                       len(manifest.partitions), time.monotonic() - started)
             settings = restore.finish(restore_command, target)
         except BaseException:
             for path, was_there in created:
