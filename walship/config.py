@@ -59,7 +59,7 @@ class Config:
     archive_timeout: float = 600.0
     dsn: str | None = field(default=None, repr=False)
     s3_multipart_threshold: int = 64 * MiB
-    s3_part_size: int = 8 * MiB
+    s3_part_size: int = 5 * MiB
     s3_sse: str | None = None
     s3_sse_kms_key_id: str | None = None
     s3_storage_class: str | None = None

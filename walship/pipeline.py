@@ -209,6 +209,24 @@ class _OutputQueue:
     def take_all(self) -> bytes:
         return self.take(self.avail)
 
+    def take_into(self, view: memoryview) -> int:
+        """Move up to len(view) queued bytes into `view`, releasing each piece once copied."""
+        q = self._q
+        filled = 0
+        want = len(view)
+        while filled < want and q:
+            first = q[0]
+            n = min(len(first) - self._off, want - filled)
+            view[filled:filled + n] = memoryview(first)[self._off:self._off + n]
+            filled += n
+            if self._off + n == len(first):
+                q.popleft()
+                self._off = 0
+            else:
+                self._off += n
+        self.avail -= filled
+        return filled
+
 
 class _PullStream(io.BufferedIOBase):
     """read(n) produces until n bytes are queued or the work is done."""
@@ -229,6 +247,7 @@ class _PullStream(io.BufferedIOBase):
         raise NotImplementedError
 
     def _fill(self, n: int) -> None:
+        """Produce until `n` bytes are queued (all of them if n < 0) or the work is done."""
         if self._error is not None:
             raise self._error
         try:
@@ -260,11 +279,24 @@ class _PullStream(io.BufferedIOBase):
         return self.read(size)
 
     def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
-        """Read into a writable buffer; returns the number of bytes read."""
+        """Fill `buffer` (short only at the end); returns the number of bytes read.
+
+        Output is copied into `buffer` as it is produced, so a large read (an 8 MiB S3
+        part) never has its bytes queued as pieces and then joined: read(n) holds up to
+        2 x n at its peak, readinto about n plus one block.
+        """
+        if self.closed:
+            raise ValueError("read from a closed stream")
         view = memoryview(buffer).cast("B")
-        data = self.read(len(view))
-        view[: len(data)] = data
-        return len(data)
+        filled = 0
+        while filled < len(view):
+            if not self._out.avail:
+                if self._finished:
+                    break
+                self._fill(1)
+                continue
+            filled += self._out.take_into(view[filled:])
+        return filled
 
     def close(self) -> None:
         """Close the stream (not the source: the caller owns it) and stop helper threads."""

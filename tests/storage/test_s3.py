@@ -508,3 +508,52 @@ def test_concurrent_puts_share_one_part_budget(s3: S3Storage) -> None:
     assert 1 <= counter.peak <= s3.config.concurrency
     for key, data in blobs.items():
         assert read(s3, key) == data
+
+
+class _Unseekable(io.RawIOBase):
+    """A stream like backup-push's encoder: readable, size unknown."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__()
+        self._inner = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return self._inner.readinto(buffer)
+
+
+def test_a_seekable_source_below_the_threshold_is_one_put_retried_from_its_start(
+        s3_store_url: str) -> None:
+    # wal-push hands over its encoded segment as a seekable buffer: one PutObject straight
+    # from it, whatever its size next to s3_part_size, and a retry resends it from where it
+    # started (not from where the failed attempt left it).
+    bucket, prefix = parse_bucket_url(s3_store_url, "s3")
+    config = Config(s3_multipart_threshold=64 * MiB, s3_part_size=5 * MiB, concurrency=2)
+    store = S3Storage(bucket, prefix, config, policy=RetryPolicy(2.0, initial=0.001))
+    real = store.client
+    failures = {"left": 1}
+
+    def put_object(**kwargs: Any) -> Any:
+        if failures["left"]:
+            failures["left"] -= 1
+            kwargs["Body"].read(3 * MiB)  # a failure after part of the body was sent
+            raise client_error("SlowDown", 503)
+        return real.put_object(**kwargs)
+
+    proxy = ProxyClient(real, put_object=put_object)
+    store.client = cast(Any, proxy)
+    data = os.urandom(12 * MiB)
+    source = io.BytesIO(b"skipped" + data)
+    source.seek(7)
+    assert store.put("wal/000000010000000000000001", source) == len(data)
+    assert failures["left"] == 0
+    assert "create_multipart_upload" not in proxy.calls
+    assert read(store, "wal/000000010000000000000001") == data
+
+    # The same bytes from a stream of unknown size take the part path.
+    assert store.put("other", cast(BinaryIO, _Unseekable(data))) == len(data)
+    assert proxy.calls["create_multipart_upload"] == 1
+    assert read(store, "other") == data
+    store.close()

@@ -156,6 +156,38 @@ def _stream(reader: TarPartitionReader, chunk: int = 65536) -> bytes:
         out += data
 
 
+def _readinto_all(reader: TarPartitionReader, chunk: int) -> bytes:
+    out = bytearray()
+    buffer = bytearray(chunk)
+    while n := reader.readinto(buffer):
+        out += buffer[:n]
+    return bytes(out)
+
+
+def test_read_and_readinto_give_the_same_stream_at_any_size(tmp_path: Path) -> None:
+    # read() hands whole pieces over without copying and returns short reads to stay aligned
+    # with them; whatever the read size, the bytes must be those readinto() produces, and no
+    # read may be longer than asked or empty before the end.
+    root = tmp_path / "root"
+    _write(root / "PG_VERSION", b"15\n")
+    _write(root / "base" / "1" / "big", os.urandom(tarstream.READ_SIZE * 2 + 700))
+    _write(root / "base" / "1" / "exact", os.urandom(tarstream.READ_SIZE))
+    for i in range(20):
+        _write(root / "base" / "1" / f"small{i}", os.urandom(i * 97))
+    entries = list(walk_pgdata(root))
+    expected = _readinto_all(TarPartitionReader(root, entries), 4096)
+    for size in (1, 511, 512, 513, 65536, tarstream.READ_SIZE - 1, tarstream.READ_SIZE,
+                 tarstream.READ_SIZE + 1, 3 * tarstream.READ_SIZE):
+        reader = TarPartitionReader(root, entries)
+        out = bytearray()
+        while data := reader.read(size):
+            assert 0 < len(data) <= size
+            out += data
+        assert bytes(out) == expected, size
+    assert TarPartitionReader(root, entries).read() == expected
+    assert _read_tar(expected)["base/1/exact"] == (root / "base" / "1" / "exact").read_bytes()
+
+
 def test_reader_produces_a_standard_tar_and_the_manifest(tmp_path: Path) -> None:
     root = tmp_path / "root"
     payloads = {"a": b"", "dir/b": os.urandom(1000), "dir/sub/c": os.urandom(2 * MiB + 17),
