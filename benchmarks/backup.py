@@ -501,6 +501,11 @@ def main(argv: list[str] | None = None) -> int:
         for row in [header, *rows]:
             print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
     print("stored: " + ", ".join(f"{k} {v / MiB:.1f} MiB" for k, v in stored.items()))
+    # Every run, in the order taken: on a shared machine the spread says how far to trust
+    # a median.
+    print("runs (s; peak RSS MiB): " + "; ".join(
+        f"{op} " + " ".join(f"{m.seconds:.2f}/{m.rss_bytes / MiB:.0f}" for m in runs)
+        for op, runs in results.runs.items()))
     return 0
 
 

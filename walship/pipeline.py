@@ -390,6 +390,9 @@ class EncodeStream(_PullStream):
             self._compressor = codecs.new_compressor("lz4")
         if encrypting:
             assert keyring is not None and keyring.encrypt_to is not None
+            # Nothing was compressed yet: the frame inside is authenticated by the AEAD, so
+            # it goes without lz4's checksum (codecs._Lz4Compressor).
+            self._compressor = codecs.new_compressor(self._compression, checksum=False)
             header, payload_key = new_header(keyring.encrypt_to,
                                              codecs.CODEC_IDS[self._compression], self._random)
             self._encryptor = StreamEncryptor(payload_key, header)

@@ -17,6 +17,7 @@ import zstandard
 
 from walship import crypto, pipeline
 from walship import format as fmt
+from walship.errors import IntegrityError
 
 ROOT = Path(__file__).resolve().parents[2]
 VECTORS = ROOT / "tests" / "vectors"
@@ -140,3 +141,21 @@ def test_unencrypted_vectors_are_plain_frames() -> None:
         (VECTORS / "plain-zstd-hello.obj").read_bytes()) == hello
     assert zlib.decompress((VECTORS / "plain-gzip-hello.obj").read_bytes(), 31) == hello
     assert (VECTORS / "plain-none-hello.obj").read_bytes() == hello
+
+
+def test_encrypted_lz4_written_with_a_content_checksum_still_decodes(
+        rings: dict[str, crypto.Keyring | None]) -> None:
+    # Until 2026-11-21 the lz4 frame inside an encrypted object carried XXH32; since then it
+    # does not (the AEAD authenticates every chunk; docs/format.md). Both must decode, and
+    # the only difference is the 4-byte checksum.
+    legacy = (VECTORS / "legacy" / "symmetric-lz4-hello-xxh32.obj").read_bytes()
+    assert hashlib.sha256(legacy).hexdigest() == (
+        "e9a5961d4e344c0b1ede80579cd847d82272397b0403b7897f2a5877969d9e2a")
+    hello = (VECTORS / "hello.plain").read_bytes()
+    assert pipeline.decode_bytes(legacy, rings["symmetric"]) == hello
+    current = (VECTORS / "symmetric-lz4-hello.obj").read_bytes()
+    assert len(legacy) == len(current) + 4
+    damaged = bytearray(legacy)
+    damaged[60] ^= 0x01
+    with pytest.raises(IntegrityError):
+        pipeline.decode_bytes(bytes(damaged), rings["symmetric"])
