@@ -31,7 +31,8 @@ What it does, in one run so that every ratio compares figures from the same mach
      baseline for the push;
    - lz4 -dc base.tar.lz4 | tar -x, as the baseline for the fetch (no verification).
    - with --s3: barman-cloud-backup and barman-cloud-restore.
-   Each command runs as the postgres user under /usr/bin/time: wall time and peak RSS of the
+   Each command runs as the postgres user under /usr/bin/time, after a sync(2) that leaves
+   nothing of the previous command unwritten: wall time and peak RSS of the
    largest process (for the pipeline, the larger of lz4 and tar). The process tree is also
    sampled every 50 ms for the sum of its RSS ("tree RSS"), which is what counts for a tool
    that forks workers (barman-cloud's -J uploaders are processes, walship's are threads).
@@ -118,40 +119,52 @@ _WRAPPERS = frozenset({"runuser", "env", "time", "sh"})
 _NOT_MEASURED: set[int] = set()  # our own servers (moto), children of this process too
 
 
+def _children(pid: int) -> list[int]:
+    """Child pids, from /proc/PID/task/*/children (a few small reads: the sampler must not
+    itself take a noticeable share of the 2 CPUs it measures)."""
+    result: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return result
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as fh:
+                result.extend(int(c) for c in fh.read().split())
+        except OSError:
+            continue
+    return result
+
+
+def _status(pid: int) -> tuple[str, int]:
+    """(command name, VmRSS bytes) of a process; ("", 0) if it is gone."""
+    name, rss = "", 0
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("Name:"):
+                    name = line.split(None, 1)[1].strip()
+                elif line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    return name, rss
+
+
 def _tree_rss(root_pid: int) -> int:
     """Sum of VmRSS over the descendants of root_pid, leaving out the wrappers (runuser,
     env, time, sh)."""
-    children: dict[int, list[int]] = {}
-    comms: dict[int, str] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                raw = fh.read().decode("ascii", "replace")
-        except OSError:
-            continue
-        comm = raw[raw.index("(") + 1:raw.rindex(")")]
-        ppid = int(raw[raw.rindex(")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-        comms[int(entry)] = comm
     total = 0
-    todo = list(children.get(root_pid, []))
+    todo = _children(root_pid)
     while todo:
         pid = todo.pop()
         if pid in _NOT_MEASURED:
             continue
-        todo.extend(children.get(pid, []))
-        if comms.get(pid) in _WRAPPERS:
-            continue
-        try:
-            with open(f"/proc/{pid}/status") as fh:
-                for line in fh:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-                        break
-        except OSError:
-            pass
+        todo.extend(_children(pid))
+        name, rss = _status(pid)
+        if name not in _WRAPPERS:
+            total += rss
     return total
 
 
@@ -171,6 +184,10 @@ def timed(args: list[str], scratch: Path, env: Mapping[str, str] | None = None) 
             peak = max(peak, _tree_rss(me))
 
     sampler = threading.Thread(target=sample, daemon=True)
+    # Every run starts with nothing dirty in the page cache: otherwise a tool that flushes
+    # (walship's restore ends with syncfs, which flushes the whole filesystem) would also
+    # wait for the hundreds of MiB the previous tool left unwritten.
+    os.sync()
     started = time.monotonic()
     sampler.start()
     try:
