@@ -337,7 +337,9 @@ class EncodeStream(_PullStream):
         self._plain = 0
         self._stored = 0
         self._started = False
-        self._compressor: codecs.Compressor = codecs.new_compressor(compression)
+        # Made by _start (which every path runs first), once the codec and whether to
+        # encrypt are decided.
+        self._compressor: codecs.Compressor
         self._encryptor: StreamEncryptor | None = None
         self._sha = hashlib.sha256() if digest else None
         self._helper: _Helper[tuple[bytes, list[bytes]]] = _Helper("walship-encode")
@@ -387,12 +389,11 @@ class EncodeStream(_PullStream):
             # still self-describing, still one key (never happens with WAL, whose pages start
             # with xlp_magic).
             self._compression = "lz4"
-            self._compressor = codecs.new_compressor("lz4")
+        # Inside an encrypted object the frame is authenticated by the AEAD, so it goes
+        # without lz4's checksum (codecs._Lz4Compressor).
+        self._compressor = codecs.new_compressor(self._compression, checksum=not encrypting)
         if encrypting:
             assert keyring is not None and keyring.encrypt_to is not None
-            # Nothing was compressed yet: the frame inside is authenticated by the AEAD, so
-            # it goes without lz4's checksum (codecs._Lz4Compressor).
-            self._compressor = codecs.new_compressor(self._compression, checksum=False)
             header, payload_key = new_header(keyring.encrypt_to,
                                              codecs.CODEC_IDS[self._compression], self._random)
             self._encryptor = StreamEncryptor(payload_key, header)

@@ -505,9 +505,10 @@ def backup_fetch(config: Config, dest: Path, name: str, *, target: RecoveryTarge
                 _make_dir(ts.target, existed[ts.oid])
                 created.append((ts.target, existed[ts.oid]))
             restore = _Restore(config, storage, keyring, manifest, dest, plans)
+            downloading = time.monotonic()
             files, size = restore.download()
             _log.debug("downloaded and verified %d partitions in %.2fs",
-                       len(manifest.partitions), time.monotonic() - started)
+                       len(manifest.partitions), time.monotonic() - downloading)
             settings = restore.finish(restore_command, target)
         except BaseException:
             for path, was_there in created:

@@ -194,8 +194,7 @@ class _BackupRun:
 
     def __init__(self, config: Config, storage: Storage, keyring: Keyring,
                  session: postgres.Session, server: postgres.ServerInfo, pgdata: Path,
-                 lock: StoreLock, progress: _Progress, archive_timeout: float,
-                 ship_wal: bool) -> None:
+                 lock: StoreLock, progress: _Progress, ship_wal: bool) -> None:
         self.config = config
         self.storage = storage
         self.keyring = keyring
@@ -204,7 +203,6 @@ class _BackupRun:
         self.pgdata = pgdata
         self.lock = lock
         self.progress = progress
-        self.archive_timeout = archive_timeout
         self.ship_wal = ship_wal
         self.abort = threading.Event()
 
@@ -315,8 +313,9 @@ class _BackupRun:
                 present.add(obj.key[len(layout.WAL_PREFIX):])
         return [n for n in needed if n not in present]
 
-    def _ship_ready_wal(self, needed: list[str]) -> None:
-        """Push the needed WAL files that the archiver has not taken yet, as wal-push would.
+    def _ship_ready_wal(self, missing: list[str]) -> list[str]:
+        """Push the missing WAL files that the archiver has not taken yet, as wal-push would;
+        returns those still missing.
 
         Only files whose archive_status/<name>.ready exists: PostgreSQL creates it once the
         file is complete and flushed (the stop segment's at pg_backup_stop's segment switch).
@@ -326,24 +325,26 @@ class _BackupRun:
         failure the wait below still decides.
         """
         wal_dir = self.pgdata / "pg_wal"
-        ready = [n for n in needed if (wal_dir / "archive_status" / f"{n}.ready").exists()]
+        ready = [n for n in missing if (wal_dir / "archive_status" / f"{n}.ready").exists()]
         if not ready:
-            return
+            return missing
         pusher = WalPusher(self.config, self.storage, self.keyring,
                            spool.spool_dir(self.config, wal_dir))
 
-        def push(name: str) -> None:
+        def push(name: str) -> bool:
             try:
-                result, _ = pusher.push(wal_dir / name)
+                result, _ = pusher.push(wal_dir / name)  # verified in the store on return
             except WalshipError as exc:
                 _log.debug("could not push %s ahead of the archiver: %s", name, exc.message)
-                return
+                return False
             _log.debug("pushed %s ahead of the archiver%s", name,
                        " (it was there already)" if result.identical else "")
+            return True
 
         with ThreadPoolExecutor(max_workers=min(len(ready), self.config.concurrency),
                                 thread_name_prefix="wal") as pool:
-            list(pool.map(push, ready))
+            stored = {name for name, ok in zip(ready, pool.map(push, ready), strict=True) if ok}
+        return [n for n in missing if n not in stored]
 
     def _wait_for_wal(self, info: BackupInfo) -> None:
         size = info.wal_segment_size
@@ -352,19 +353,20 @@ class _BackupRun:
         needed = [wal.segment_from_segno(info.timeline, segno, size).name
                   for segno in range(first, last + 1)]
         needed.append(info.history_file)
-        if self.ship_wal:
-            self._ship_ready_wal(self._missing_wal(needed))
-        deadline = time.monotonic() + self.archive_timeout
+        timeout = self.config.archive_timeout
+        deadline = time.monotonic() + timeout
+        needed = self._missing_wal(needed)
+        if needed and self.ship_wal:
+            needed = self._ship_ready_wal(needed)
         delay = 0.2
-        _log.debug("waiting for %d WAL files to be archived", len(needed))
-        while True:
-            needed = self._missing_wal(needed)
-            if not needed:
-                return
-            if time.monotonic() >= deadline:
-                break
+        if needed:
+            _log.debug("waiting for %d WAL files to be archived", len(needed))
+        while needed and time.monotonic() < deadline:
             time.sleep(delay)
             delay = min(delay * 1.5, 5.0)
+            needed = self._missing_wal(needed)
+        if not needed:
+            return
         hint = ("archive_command must push to the same store as backup-push "
                 f"({self.storage.url}); check it and the server log")
         try:
@@ -375,7 +377,7 @@ class _BackupRun:
         except WalshipError:
             pass
         raise PostgresError(
-            f"the WAL this backup needs was not archived within {self.archive_timeout:.0f}s: "
+            f"the WAL this backup needs was not archived within {timeout:.0f}s: "
             f"{', '.join(needed[:3])}{' ...' if len(needed) > 3 else ''} missing from the store",
             hint=hint,
         )
@@ -499,7 +501,7 @@ def backup_push(config: Config, pgdata: Path, *, progress: bool = False) -> Back
             with store_lock(storage, BACKUP_LOCK, "backup-push") as lock:
                 meter = _Progress(progress, session.database_bytes() if progress else None)
                 run = _BackupRun(config, storage, keyring, session, server, pgdata, lock,
-                                 meter, config.archive_timeout, ship_wal)
+                                 meter, ship_wal)
                 return run.run()
     finally:
         storage.close()

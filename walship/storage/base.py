@@ -73,6 +73,20 @@ class Capabilities:
     consistent_list: bool = True
 
 
+def read_exactly(source: BinaryIO, size: int) -> bytes:
+    """Up to `size` bytes: fewer only at EOF (a pipe's or socket's read() may be short)."""
+    first = source.read(size)
+    if len(first) == size or not first:
+        return first
+    buffer = bytearray(first)
+    while len(buffer) < size:
+        chunk = source.read(size - len(buffer))
+        if not chunk:
+            break
+        buffer += chunk
+    return bytes(buffer)
+
+
 def check_key(key: str) -> str:
     """Reject keys that could escape the prefix or that some store would mangle."""
     if not KEY_RE.fullmatch(key) or any(part in (".", "..") for part in key.split("/")):

@@ -39,7 +39,14 @@ from walship.errors import (
     WalshipError,
 )
 from walship.storage import parse_bucket_url, relative_key
-from walship.storage.base import Capabilities, ObjectInfo, Storage, check_key, check_metadata
+from walship.storage.base import (
+    Capabilities,
+    ObjectInfo,
+    Storage,
+    check_key,
+    check_metadata,
+    read_exactly,
+)
 from walship.storage.retrying import RetryPolicy
 
 if TYPE_CHECKING:
@@ -124,17 +131,6 @@ def translate(exc: BaseException, action: str) -> WalshipError:
     raise exc
 
 
-def _read_exactly(source: BinaryIO, size: int) -> bytes:
-    """Up to `size` bytes: fewer only at EOF (a pipe's read() may return short chunks)."""
-    buffer = bytearray()
-    while len(buffer) < size:
-        chunk = source.read(size - len(buffer))
-        if not chunk:
-            break
-        buffer += chunk
-    return bytes(buffer)
-
-
 class _Prepended(io.RawIOBase):
     """`head` then the rest of `source`, with tell() (the resumable upload asks for it)."""
 
@@ -163,7 +159,7 @@ class _Prepended(io.RawIOBase):
         if n < 0:
             parts += self._source.read()
         elif len(parts) < n:
-            parts += _read_exactly(self._source, n - len(parts))
+            parts += read_exactly(self._source, n - len(parts))
         self._position += len(parts)
         return bytes(parts)
 
@@ -280,7 +276,7 @@ class GcsStorage(Storage):
                 pass
             else:
                 raise AlreadyExists(f"{where} already exists")
-        head = _read_exactly(source, self.threshold)
+        head = read_exactly(source, self.threshold)
         if len(head) < self.threshold:
             # The bytes are in memory, so the backend retries this put itself even when the
             # caller's source cannot be rewound.

@@ -37,7 +37,14 @@ from walship.errors import (
     WalshipError,
 )
 from walship.storage import parse_bucket_url, relative_key
-from walship.storage.base import Capabilities, ObjectInfo, Storage, check_key, check_metadata
+from walship.storage.base import (
+    Capabilities,
+    ObjectInfo,
+    Storage,
+    check_key,
+    check_metadata,
+    read_exactly,
+)
 from walship.storage.retrying import RetryPolicy
 
 if TYPE_CHECKING:
@@ -176,20 +183,6 @@ def translate(exc: BaseException, action: str, bucket: str) -> WalshipError:
     raise exc
 
 
-def _read_exactly(source: BinaryIO, size: int) -> bytes:
-    """Up to `size` bytes: fewer only at EOF (a pipe's read() may return short chunks)."""
-    first = source.read(size)
-    if len(first) == size or not first:
-        return first
-    buffer = bytearray(first)
-    while len(buffer) < size:
-        chunk = source.read(size - len(buffer))
-        if not chunk:
-            break
-        buffer += chunk
-    return bytes(buffer)
-
-
 def _seekable_size(source: BinaryIO) -> int | None:
     """Bytes from the current position to the end of a seekable source; None otherwise."""
     try:
@@ -209,7 +202,7 @@ def _read_part(source: BinaryIO, size: int) -> bytes | bytearray:
     no queue of pieces joined into a second part-sized buffer)."""
     readinto = getattr(source, "readinto", None)
     if readinto is None:
-        return _read_exactly(source, size)
+        return read_exactly(source, size)
     buffer = bytearray(size)
     with memoryview(buffer) as view:
         filled = 0
@@ -353,7 +346,7 @@ class S3Storage(Storage):
             return size
         self._slots.acquire()
         try:
-            chunk = _read_exactly(source, part_size)
+            chunk = read_exactly(source, part_size)
         except BaseException:
             self._slots.release()
             raise
