@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import pwd
@@ -107,16 +108,35 @@ def as_pg(args: list[str], env: Mapping[str, str] | None = None, *, check: bool 
 
 @dataclass
 class Measured:
-    """Wall seconds, peak RSS of the largest process and of the whole tree, of one run."""
+    """Wall seconds, peak RSS of the largest process and of the whole tree, and CPU seconds
+    (the tool's, and the S3 server's over the same interval) of one run."""
 
     seconds: float
     rss_bytes: int
     stdout: str
     tree_rss_bytes: int = 0
+    cpu_seconds: float = 0.0
+    server_cpu_seconds: float = 0.0
 
 
 _WRAPPERS = frozenset({"runuser", "env", "time", "sh"})
 _NOT_MEASURED: set[int] = set()  # our own servers (moto), children of this process too
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_of(pid: int) -> float:
+    """User + system CPU seconds of one live process (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            # Fields after the parenthesised command name: utime and stime are 14 and 15.
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def _servers_cpu() -> float:
+    return sum(_cpu_of(pid) for pid in _NOT_MEASURED)
 
 
 def _children(pid: int) -> list[int]:
@@ -170,7 +190,11 @@ def _tree_rss(root_pid: int) -> int:
 
 def timed(args: list[str], scratch: Path, env: Mapping[str, str] | None = None) -> Measured:
     """Run as postgres under /usr/bin/time; wall clock measured here, RSS of the largest
-    process by time(1), the RSS of the process tree by sampling /proc every 50 ms."""
+    process and CPU (with every child it waited for) by time(1), the RSS of the process
+    tree by sampling /proc every 50 ms, the S3 server's CPU from /proc before and after.
+
+    The CPU figures say how close a run is to the machine's floor: on 2 shared cores the
+    S3 stand-in's own CPU competes with the tool it serves (it would not with real S3)."""
     out = scratch / "time.out"
     with contextlib.suppress(FileNotFoundError):
         out.unlink()
@@ -188,16 +212,20 @@ def timed(args: list[str], scratch: Path, env: Mapping[str, str] | None = None) 
     # (walship's restore ends with syncfs, which flushes the whole filesystem) would also
     # wait for the hundreds of MiB the previous tool left unwritten.
     os.sync()
+    server_before = _servers_cpu()
     started = time.monotonic()
     sampler.start()
     try:
-        proc = as_pg(["/usr/bin/time", "-f", "%M", "-o", str(out), *args], env)
+        proc = as_pg(["/usr/bin/time", "-f", "%M %U %S", "-o", str(out), *args], env)
     finally:
         stop.set()
         sampler.join()
     seconds = time.monotonic() - started
-    rss_kib = int(out.read_text().strip().splitlines()[-1])
-    return Measured(seconds, rss_kib * 1024, proc.stdout, max(peak, rss_kib * 1024))
+    server_cpu = _servers_cpu() - server_before
+    rss_kib, user, system = out.read_text().strip().splitlines()[-1].split()
+    rss = int(rss_kib) * 1024
+    return Measured(seconds, rss, proc.stdout, max(peak, rss), float(user) + float(system),
+                    server_cpu)
 
 
 @dataclass
@@ -229,6 +257,12 @@ class Results:
 
     def add(self, op: str, measured: Measured) -> None:
         self.runs.setdefault(op, []).append(measured)
+
+    def median_cpu(self, op: str) -> tuple[float, float]:
+        """Median CPU seconds of the tool and of the S3 server during its runs."""
+        runs = self.runs[op]
+        return (statistics.median(r.cpu_seconds for r in runs),
+                statistics.median(r.server_cpu_seconds for r in runs))
 
     def median(self, op: str) -> tuple[float, int, int]:
         """Median seconds, median peak RSS, and the largest tree RSS of any run."""
@@ -344,6 +378,22 @@ def s3_size(aws: Mapping[str, str], prefix: str, backup_id: str) -> int:
     return total
 
 
+def sha256_cpu(datadir: Path) -> float:
+    """CPU seconds (this thread) to SHA-256 every file of the data directory but pg_wal/,
+    as backup-push must for its manifest: the part of its CPU no tuning can remove."""
+    started = time.thread_time()
+    buffer = bytearray(MiB)
+    for top, dirs, files in os.walk(datadir):
+        if Path(top) == datadir:
+            dirs[:] = [d for d in dirs if d != "pg_wal"]
+        for name in files:
+            digest = hashlib.sha256()
+            with contextlib.suppress(OSError), open(os.path.join(top, name), "rb") as fh:
+                while n := fh.readinto(buffer):
+                    digest.update(memoryview(buffer)[:n])
+    return time.thread_time() - started
+
+
 def untar(tarball: Path, dest: Path, scratch: Path) -> Measured:
     return timed(["/bin/sh", "-c", f"mkdir -m 700 {dest} && lz4 -dc {tarball} | "
                   f"tar -xf - -C {dest}"], scratch)
@@ -399,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         config.write_text("\n".join(settings) + "\n")
         chown_pg(root)
         cluster = make_cluster(root, config, args.scale, aws)
+        hash_cpu = sha256_cpu(cluster.datadir)
         env = {"WALSHIP_CONFIG": str(config), **cluster.env, **aws}
         env.update(item.split("=", 1) for item in args.walship_env)
         if args.walship_pythonpath:
@@ -523,6 +574,14 @@ def main(argv: list[str] | None = None) -> int:
     print("runs (s; peak RSS MiB): " + "; ".join(
         f"{op} " + " ".join(f"{m.seconds:.2f}/{m.rss_bytes / MiB:.0f}" for m in runs)
         for op, runs in results.runs.items()))
+    cpus = os.cpu_count() or 1
+    cpu = {op: results.median_cpu(op) for op in results.runs}
+    print(f"CPU, medians (tool + S3 server = core-seconds; / {cpus} CPUs = the shortest wall "
+          "time that much work allows): " + "; ".join(
+              f"{op} {tool:.2f} + {server:.2f} = {tool + server:.2f} "
+              f"({(tool + server) / cpus:.2f} s)" for op, (tool, server) in cpu.items()))
+    print(f"SHA-256 of the data files alone (one thread; backup-push's manifest needs it): "
+          f"{hash_cpu:.2f} s CPU")
     return 0
 
 
