@@ -90,6 +90,7 @@ def test_round_trip(codec: str, ring_name: str, size: int) -> None:
         assert dec.plaintext_size == size
         assert dec.plaintext_sha256 == hashlib.sha256(data).hexdigest()
         assert dec.codec == codec
+        assert dec.encrypted == (ring is not None)
     assert pipeline.decode_bytes(blob, ring) == data
 
 
