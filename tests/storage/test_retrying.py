@@ -134,6 +134,21 @@ def test_get_resumes_mid_stream(memory: MemoryStorage) -> None:
     assert faulty.get_offsets == [500, 1500, 2500, 3500, 4500, 5500]
 
 
+def test_get_with_info_is_retried_and_resumes(memory: MemoryStorage) -> None:
+    data = bytes(range(256)) * 100
+    memory.put("k", io.BytesIO(data), metadata={"size": str(len(data))})
+    faulty = FaultyStorage(memory, {"stat": 1, "get": 1}, read_failures=2, read_fail_every=4000)
+    store = RetryingStorage(faulty, fast())
+    info, stream = store.get_with_info("k")
+    with stream:
+        assert stream.read() == data
+    assert info.metadata == {"size": str(len(data))}
+    # The stat fault and the get fault each cost one retry of the whole call; the two read
+    # faults are resumed from the byte reached.
+    assert faulty.calls["stat"] == 3
+    assert faulty.get_offsets == [0, 4000, 8000]
+
+
 def test_get_resume_gives_up_after_budget(memory: MemoryStorage) -> None:
     memory.put("k", io.BytesIO(b"x" * 10_000))
     # Every reopened stream fails at its first read: no progress, so the budget runs out.

@@ -348,6 +348,7 @@ def test_missing_bucket_is_a_clear_error(
         for call in (
             lambda: store.stat("k"),
             lambda: store.get("k"),
+            lambda: store.get_with_info("k"),
             lambda: store.put("k", cast(BinaryIO, io.BytesIO(b"x"))),
             lambda: list(store.list("")),
         ):
@@ -355,6 +356,43 @@ def test_missing_bucket_is_a_clear_error(
                 call()
             assert type(caught.value) is StorageError
             assert caught.value.message.startswith("bucket walship-no-such-bucket does not exist")
+
+
+def test_get_with_info_is_one_request(s3: S3Storage) -> None:
+    s3.put("wal/1", cast(BinaryIO, io.BytesIO(b"segment")), metadata={"size": "7"})
+    proxy = ProxyClient(s3.client)
+    s3.client = cast(Any, proxy)
+    info, stream = s3.get_with_info("wal/1")
+    with stream:
+        assert stream.read() == b"segment"
+    assert (info.size, info.metadata) == (7, {"size": "7"})
+    # A missing key is told by GetObject's own error (NoSuchKey): no HeadBucket either.
+    with pytest.raises(ObjectNotFound):
+        s3.get_with_info("wal/2")
+    assert proxy.calls == {"get_object": 2}
+
+
+def test_get_with_info_asks_about_the_bucket_after_a_bare_404(s3: S3Storage) -> None:
+    # A store or proxy that answers 404 without an error body: "no such key" and "no such
+    # bucket" look the same, so the bucket is checked before the end of the archive is
+    # reported (here it is missing, so the answer must not be ObjectNotFound).
+    real = s3.client
+
+    def get_object(**kwargs: Any) -> Any:
+        raise client_error("404", 404, "GetObject")
+
+    def head_bucket(**kwargs: Any) -> Any:
+        raise client_error("404", 404, "HeadBucket")
+
+    proxy = ProxyClient(real, get_object=get_object, head_bucket=head_bucket)
+    s3.client = cast(Any, proxy)
+    with pytest.raises(StorageError, match="does not exist") as caught:
+        s3.get_with_info("wal/1")
+    assert not isinstance(caught.value, ObjectNotFound)
+    # With the bucket there, the bare 404 is a missing object.
+    s3.client = cast(Any, ProxyClient(real, get_object=get_object))
+    with pytest.raises(ObjectNotFound):
+        s3.get_with_info("wal/1")
 
 
 def test_listing_refuses_keys_outside_the_prefix(s3: S3Storage) -> None:

@@ -214,6 +214,23 @@ def test_not_found(store: Storage) -> None:
         store.get("dir")
 
 
+def test_get_with_info_is_stat_and_get(store: Storage) -> None:
+    data = os.urandom(300_000)
+    meta = {"sha256": "cd" * 32, "size": str(len(data))}
+    put_bytes(store, "wal/000000010000000000000002", data, metadata=meta)
+    info, stream = store.get_with_info("wal/000000010000000000000002")
+    with stream:
+        assert stream.read() == data
+    stat = store.stat("wal/000000010000000000000002")
+    assert (info.key, info.size, dict(info.metadata)) == (stat.key, stat.size, dict(stat.metadata))
+    assert info.modified is not None
+    with pytest.raises(ObjectNotFound):
+        store.get_with_info("wal/missing")
+    put_bytes(store, "dir/file", b"x")
+    with pytest.raises(ObjectNotFound):
+        store.get_with_info("dir")
+
+
 @pytest.mark.parametrize(
     "key", ["", "/abs", "a//b", "a/../b", "..", ".", "a/./b", "trailing/", "sp ace", "é", "a\nb"]
 )

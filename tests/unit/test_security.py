@@ -278,13 +278,25 @@ def _self_signed(directory: Path) -> ssl.SSLContext:
 
 
 class _NotFound(http.server.BaseHTTPRequestHandler):
-    """An S3 bucket (path style) that holds no keys: HEAD of the bucket 200, of a key 404."""
+    """An S3 bucket (path style) that holds no keys: HEAD of the bucket 200, of a key 404;
+    GET of a key 404 with S3's NoSuchKey error body."""
+
+    def _bucket_only(self) -> bool:
+        return self.path.split("?")[0].strip("/").count("/") == 0
 
     def do_HEAD(self) -> None:
-        bucket_only = self.path.split("?")[0].strip("/").count("/") == 0
-        self.send_response(200 if bucket_only else 404)
+        self.send_response(200 if self._bucket_only() else 404)
         self.send_header("Content-Length", "0")
         self.end_headers()
+
+    def do_GET(self) -> None:
+        body = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>NoSuchKey</Code>'
+                b"<Message>The specified key does not exist.</Message></Error>")
+        self.send_response(404)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def log_message(self, format: str, *args: object) -> None:
         pass

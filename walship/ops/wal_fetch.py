@@ -70,14 +70,17 @@ def download_wal(storage: Storage, keyring: Keyring, name: WalName, dest: Path, 
     from walship.pipeline import copy_stream, decode
 
     key = layout.wal_key(name.name)
-    info = storage.stat(key)  # ObjectNotFound here is the normal end of the archive
+    # One request on S3 (GetObject answers with the metadata); ObjectNotFound here is the
+    # normal end of the archive.
+    info, src = storage.get_with_info(key)
     tmp = dest.parent / f".walship-{name.name}.{os.getpid()}.{time.monotonic_ns()}.tmp"
     try:
         try:
             out = open(tmp, "xb")  # noqa: SIM115 - closed by the with below
         except OSError as exc:
+            src.close()
             raise LocalIOError(f"cannot create {tmp}: {exc.strerror}") from None
-        with out, storage.get(key) as src, decode(src, keyring) as dec:
+        with out, src, decode(src, keyring) as dec:
             try:
                 copy_stream(dec, out)
                 out.flush()

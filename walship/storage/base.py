@@ -23,6 +23,11 @@ get(key, offset=0)
     raises TransientStorageError from read(); the retry wrapper resumes from the byte reached.
 stat(key)
     ObjectInfo with size and user metadata. ObjectNotFound if absent.
+get_with_info(key)
+    (ObjectInfo, stream of the whole object): what stat and get return, in one request
+    where the store answers both at once (S3's GetObject carries the size and the metadata;
+    a missing key and a missing bucket are told apart by the error itself). The default
+    asks stat, then get. wal-fetch and the prefetcher read every segment this way.
 list(prefix)
     Every object whose key starts with `prefix`, as ObjectInfo (metadata may be empty),
     in ascending byte order of key. Keys outside the store's prefix are never yielded: a
@@ -133,6 +138,11 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def stat(self, key: str) -> ObjectInfo:
         """Size and metadata of one object; ObjectNotFound if absent."""
+
+    def get_with_info(self, key: str) -> tuple[ObjectInfo, BinaryIO]:
+        """Size and metadata with a stream of the whole object; ObjectNotFound if absent."""
+        info = self.stat(key)
+        return info, self.get(key)
 
     @abc.abstractmethod
     def list(self, prefix: str) -> Iterator[ObjectInfo]:

@@ -143,6 +143,11 @@ class RetryingStorage(Storage):
         stream = self.policy.call(lambda: self.inner.get(key, offset), f"get {key}")
         return cast(BinaryIO, _ResumingReader(self.inner, key, offset, stream, self.policy))
 
+    def get_with_info(self, key: str) -> tuple[ObjectInfo, BinaryIO]:
+        """Size and metadata with a stream that resumes as get()'s does."""
+        info, stream = self.policy.call(lambda: self.inner.get_with_info(key), f"get {key}")
+        return info, cast(BinaryIO, _ResumingReader(self.inner, key, 0, stream, self.policy))
+
     def stat(self, key: str) -> ObjectInfo:
         """Size and metadata, retried."""
         return self.policy.call(lambda: self.inner.stat(key), f"stat {key}")

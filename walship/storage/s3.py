@@ -598,6 +598,28 @@ class S3Storage(Storage):
         body = _Body(response["Body"], int(response["ContentLength"]), self._where(key))
         return cast(BinaryIO, body)
 
+    def get_with_info(self, key: str) -> tuple[ObjectInfo, BinaryIO]:
+        """One GetObject: its answer carries the size and metadata that stat would ask a
+        HeadObject for, and its error body tells NoSuchKey from NoSuchBucket, which a
+        HEAD's bodiless 404 cannot (stat then asks HeadBucket)."""
+        action = f"get {self._where(key)}"
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._full(key))
+        except Exception as exc:
+            error = translate(exc, action, self.bucket)
+            if isinstance(error, ObjectNotFound) and not (
+                isinstance(exc, bex.ClientError) and _client_error_code(exc)[0] == "NoSuchKey"
+            ):
+                # A bare 404 (a store or proxy that sends no error body) could be a missing
+                # bucket: ask, as stat does, rather than report the end of the archive.
+                self._check_bucket(action)
+            raise error from exc
+        size = int(response["ContentLength"])
+        modified = response.get("LastModified")
+        info = ObjectInfo(key, size, dict(response.get("Metadata", {})),
+                          modified.timestamp() if modified is not None else None)
+        return info, cast(BinaryIO, _Body(response["Body"], size, self._where(key)))
+
     def stat(self, key: str) -> ObjectInfo:
         """HeadObject. A 404 is checked against the bucket so that a missing bucket is not
         mistaken for a missing object (which wal-fetch would report as "end of archive")."""
