@@ -97,10 +97,9 @@ class Config:
         if self.s3_addressing_style not in ("auto", "path", "virtual"):
             raise UsageError(f"unknown s3_addressing_style {self.s3_addressing_style!r}",
                              hint="choose auto, path or virtual")
-        if not 0 < self.archive_timeout < float("inf"):
-            raise UsageError("archive_timeout must be a number of seconds above 0")
-        if not 0 < self.s3_read_timeout < float("inf"):
-            raise UsageError("s3_read_timeout must be a number of seconds above 0")
+        for name in ("archive_timeout", "s3_read_timeout"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise UsageError(f"{name} must be a number of seconds above 0")
         if self.log_level not in LOG_LEVELS:
             raise UsageError(f"unknown log_level {self.log_level!r}",
                              hint=f"choose one of {', '.join(LOG_LEVELS)}")

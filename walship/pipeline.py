@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from functools import partial
 from queue import SimpleQueue
-from typing import BinaryIO, Generic, TypeVar, cast
+from typing import BinaryIO, Generic, Protocol, TypeVar, cast
 
 from walship import codecs
 from walship import format as fmt
@@ -116,6 +116,10 @@ class _Helper(Generic[T]):
         thread.join()
         self.pending = 0
         self._results = SimpleQueue()
+
+
+class _HexDigest(Protocol):
+    def hexdigest(self) -> str: ...
 
 
 class _Hasher:
@@ -309,6 +313,13 @@ class _PullStream(io.BufferedIOBase):
         if not self._finished:
             raise RuntimeError(f"{name} is known only after the stream was read to the end")
 
+    def _hexdigest(self, sha: _HexDigest | None) -> str:
+        """plaintext_sha256 of either direction: after EOF, and only if one was kept."""
+        self._done("plaintext_sha256")
+        if sha is None:
+            raise RuntimeError("this stream was made with digest=False")
+        return sha.hexdigest()
+
 
 class EncodeStream(_PullStream):
     """Plaintext from `source` -> stored bytes (compressed, then encrypted if configured).
@@ -448,10 +459,7 @@ class EncodeStream(_PullStream):
     @property
     def plaintext_sha256(self) -> str:
         """Hex SHA-256 of everything read from the source (after EOF)."""
-        self._done("plaintext_sha256")
-        if self._sha is None:
-            raise RuntimeError("this stream was made with digest=False")
-        return self._sha.hexdigest()
+        return self._hexdigest(self._sha)
 
     @property
     def plaintext_size(self) -> int:
@@ -581,10 +589,7 @@ class DecodeStream(_PullStream):
     @property
     def plaintext_sha256(self) -> str:
         """Hex SHA-256 of the plaintext (after a clean EOF)."""
-        self._done("plaintext_sha256")
-        if self._sha is None:
-            raise RuntimeError("this stream was made with digest=False")
-        return self._sha.hexdigest()
+        return self._hexdigest(self._sha)
 
     @property
     def plaintext_size(self) -> int:

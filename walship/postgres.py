@@ -101,7 +101,8 @@ class BackupStop:
     time: datetime
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (psycopg's carry DETAIL/HINT lines after)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -121,7 +122,7 @@ class Session:
                                    keepalives_interval=KEEPALIVE_INTERVAL,
                                    keepalives_count=KEEPALIVE_COUNT)
         except psycopg.Error as exc:
-            raise PostgresError(f"cannot connect to postgresql: {_first_line(exc)}",
+            raise PostgresError(f"cannot connect to postgresql: {first_line(exc)}",
                                 hint=_CONNECT_HINT) from None
         session = cls(conn)
         # The copy can take hours while this session sits idle; the role's or database's
@@ -149,15 +150,15 @@ class Session:
                 return cur.fetchall() if cur.description is not None else []
         except psycopg.errors.InsufficientPrivilege as exc:
             raise PostgresError(
-                f"{what or 'query'} refused: {_first_line(exc)}",
+                f"{what or 'query'} refused: {first_line(exc)}",
                 hint="run backup-push as a superuser, or grant the backup role "
                 "pg_read_all_settings, pg_monitor and execute on the backup functions",
             ) from None
         except psycopg.OperationalError as exc:
             raise PostgresError(f"lost the connection to postgresql during {what or 'a query'}: "
-                                f"{_first_line(exc)}") from None
+                                f"{first_line(exc)}") from None
         except psycopg.Error as exc:
-            raise PostgresError(f"{what or 'query'} failed: {_first_line(exc)}") from None
+            raise PostgresError(f"{what or 'query'} failed: {first_line(exc)}") from None
 
     def _one(self, sql: str, params: tuple[Any, ...] = (), *, what: str) -> tuple[Any, ...]:
         rows = self._execute(sql, params, what=what)

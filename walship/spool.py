@@ -2,12 +2,13 @@
 
     <spool>/pushed/<WAL name>     marker: this file, as it is on disk now, is in the store
     <spool>/push/.lock            held (flock) by the one background pusher of this pg_wal
-    <spool>/push/.log             the pusher's own log (its stderr), truncated at each start
+    <spool>/push/.log             the pusher's own log (its stderr), appended to; moved to
+                                  .log.1 past 1 MiB (ops/background.py)
     <spool>/push/failed/<name>    the pusher could not push it: wal-push pushes it itself
     <spool>/prefetch/<WAL name>   a segment downloaded ahead, complete and authenticated
     <spool>/prefetch/.want        the newest name restore_command asked for
     <spool>/prefetch/.lock        held (flock) by the one prefetcher of this data directory
-    <spool>/prefetch/.log         the prefetcher's own log (its stderr), truncated at each start
+    <spool>/prefetch/.log         the prefetcher's own log (its stderr), as the pusher's
 
 The default spool is <pg_wal>/walship. PostgreSQL ignores unknown directories in pg_wal, and
 base backups (walship's and pg_basebackup's) skip pg_wal's contents. PostgreSQL's own

@@ -220,11 +220,6 @@ def _connect(scratch: Scratch, user: str, dbname: str) -> Any:
                            application_name="walship drill")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 @dataclass(frozen=True)
 class Reached:
     """Where replay ended."""
@@ -238,6 +233,8 @@ def _wait_promoted(server: ScratchServer, db_user: str, timeout: float) -> tuple
     """Poll until the server has left recovery; returns the database to use and where replay
     ended. VerificationFailed/PostgresError when the server dies or the time runs out."""
     import psycopg
+
+    from walship.postgres import first_line
 
     deadline = time.monotonic() + timeout
     dbname = "postgres"
@@ -264,7 +261,7 @@ def _wait_promoted(server: ScratchServer, db_user: str, timeout: float) -> tuple
                     return dbname, Reached(wal.parse_lsn(str(lsn)), when, timeline)
                 last_error = "still in recovery"
         except psycopg.OperationalError as exc:
-            message = _first_line(exc)
+            message = first_line(exc)
             if f'database "{dbname}" does not exist' in message and dbname != "template1":
                 dbname = "template1"
                 continue
@@ -342,13 +339,15 @@ def run_check_sql(scratch: Scratch, db_user: str, database: str, sql: str) -> Ch
     """The operator's SQL must run without error; a single boolean result must be true."""
     import psycopg
 
+    from walship.postgres import first_line
+
     try:
         with _connect(scratch, db_user, database) as conn:
             conn.execute("set statement_timeout = 0")
             cur = conn.execute(sql.encode())  # the operator's own SQL, as given
             rows = cur.fetchall() if cur.description is not None else []
     except psycopg.Error as exc:
-        return Check("check-sql", False, f"error: {_first_line(exc)}")
+        return Check("check-sql", False, f"error: {first_line(exc)}")
     if len(rows) == 1 and len(rows[0]) == 1 and isinstance(rows[0][0], bool):
         return Check("check-sql", rows[0][0], f"returned {str(rows[0][0]).lower()}")
     return Check("check-sql", True, f"ran without error ({len(rows)} row(s))")
@@ -454,17 +453,19 @@ def _preflight(walship_command: str, scratch: Scratch, user: ServerUser,
             f"directory {user.name} can reach (not under /root)")
 
 
-def _remove_scratch(scratch: Scratch, keep: bool) -> None:
+def _remove_scratch(scratch: Scratch, keep: bool, config: Config) -> None:
     with contextlib.suppress(FileNotFoundError):
         shutil.rmtree(scratch.keys)  # never leave key copies behind, even with --keep
     if keep:
         return
     # A prefetcher started by restore_command leaves once recovery.signal is gone; give it a
     # moment so that it does not write into a tree being removed.
-    pf_lock = scratch.pgdata / "pg_wal" / "walship" / "prefetch" / ".lock"
+    from walship import spool
+    from walship.ops import background, prefetch
+
+    pf_lock = prefetch.prefetch_dir(spool.spool_dir(config, scratch.pgdata / "pg_wal")) / ".lock"
     with contextlib.suppress(FileNotFoundError):
         (scratch.pgdata / "recovery.signal").unlink()
-    from walship.ops import background
 
     deadline = time.monotonic() + 5
     with contextlib.suppress(OSError):
@@ -584,7 +585,7 @@ def _drill_backup(config: Config, options: DrillOptions, storage: Storage, info:
     finally:
         if server is not None:
             server.stop(fast=options.keep)
-        _remove_scratch(scratch, options.keep)
+        _remove_scratch(scratch, options.keep, config)
 
 
 def _reach_check(storage: Storage, info: BackupInfo, target: RecoveryTarget | None,

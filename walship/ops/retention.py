@@ -50,7 +50,6 @@ from walship.storage.base import Storage
 
 _log = log.get("retention")
 
-# The same lock backup-push takes: a delete never runs while a backup is being pushed.
 # Keys per delete_many call: S3's DeleteObjects limit.
 BATCH = 1000
 
@@ -521,6 +520,7 @@ def delete(config: Config, policy: Policy, *, confirm: bool) -> tuple[Plan, Resu
                 f"{storage.url} holds no backups and no WAL: nothing to delete",
                 hint="check the store URL and prefix (a dry run, without --confirm, "
                 "shows what the store holds)")
+        # The same lock backup-push takes: a delete never runs while a backup is being pushed.
         with store_lock(storage, BACKUP_LOCK, "delete") as lock:
             inventory = gather_inventory(storage, keyring)
             cross_check(storage, keyring, inventory.backups)

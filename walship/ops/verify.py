@@ -52,6 +52,7 @@ from walship.ops.backup_fetch import Manifest, read_manifest
 from walship.ops.backup_list import BackupInfo, read_backup_info
 from walship.ops.identity import read_identity
 from walship.ops.locks import BACKUP_LOCK, read_lock
+from walship.ops.retention import _backup_position
 from walship.ops.wal_push import (
     META_COMMIT_SCAN,
     META_LAST_COMMIT,
@@ -341,18 +342,24 @@ class _Metadata:
         self.cache: dict[str, Mapping[str, str]] = {}
         self.lock = threading.Lock()
 
-    def get(self, name: str) -> Mapping[str, str]:
+    def known(self, name: str) -> Mapping[str, str] | None:
+        """The metadata if the listing had it or it was asked for already; None otherwise."""
         with self.lock:
             if name in self.cache:
                 return self.cache[name]
         listed = self.objects.get(name)
         if listed is not None and META_SHA256 in listed.metadata:
-            meta = listed.metadata
-        else:
-            try:
-                meta = self.storage.stat(layout.wal_key(name)).metadata
-            except ObjectNotFound:
-                meta = {}
+            return listed.metadata
+        return None
+
+    def get(self, name: str) -> Mapping[str, str]:
+        meta = self.known(name)
+        if meta is not None:
+            return meta
+        try:
+            meta = self.storage.stat(layout.wal_key(name)).metadata
+        except ObjectNotFound:
+            meta = {}
         with self.lock:
             self.cache[name] = meta
         return meta
@@ -426,8 +433,7 @@ class _Graph:
 
 
 class _Verifier:
-    def __init__(self, config: Config, storage: Storage, keyring: Keyring, deep: bool) -> None:
-        self.config = config
+    def __init__(self, storage: Storage, keyring: Keyring, deep: bool) -> None:
         self.storage = storage
         self.keyring = keyring
         self.deep = deep
@@ -465,12 +471,12 @@ class _Verifier:
         report.stored_bytes = sum(sizes.values())
         manifest: Manifest | None = None
         try:
-            manifest = read_manifest(self.storage, self.keyring, info)
+            # A missing manifest is reported above: no GET for it, no second report.
+            if layout.MANIFEST_NAME in objects:
+                manifest = read_manifest(self.storage, self.keyring, info)
         except KeyMismatch:
             if self.deep:
                 raise
-        except ObjectNotFound:
-            pass  # reported above
         except IntegrityError as exc:
             report.problems.append(f"backup {name}: {exc.message}")
         if manifest is not None:
@@ -530,10 +536,17 @@ class _Verifier:
 
     def deep_wal(self, name: str, metadata: _Metadata, segment_size: int) -> list[str]:
         """Download one WAL object: authenticated, and the SHA-256 and size wal-push recorded."""
-        meta = metadata.get(name)
+        key = layout.wal_key(name)
         try:
-            with self.storage.get(layout.wal_key(name)) as raw, \
-                    pipeline.decode(raw, self.keyring) as stream:
+            # Metadata not listed nor seen yet comes with the download (one GetObject on
+            # S3) rather than from a stat of its own.
+            known = metadata.known(name)
+            if known is None:
+                info, raw = self.storage.get_with_info(key)
+                meta: Mapping[str, str] = info.metadata
+            else:
+                raw, meta = self.storage.get(key), known
+            with raw, pipeline.decode(raw, self.keyring) as stream:
                 while stream.read(tarstream.READ_SIZE):
                     pass
                 digest, size = stream.plaintext_sha256, stream.plaintext_size
@@ -693,17 +706,11 @@ def _run_pool(jobs: Iterable[Callable[[], list[str]]], workers: int) -> list[str
     return problems
 
 
-def verify_archive(config: Config, *, deep: bool = False, storage: Storage | None = None
-                   ) -> VerifyReport:
+def verify_archive(config: Config, *, deep: bool = False) -> VerifyReport:
     """Check the configured store (see the module docstring); never raises for what it finds."""
     keyring = Keyring.from_config(config)
-    own = storage is None
-    store = storage or open_storage(config.require_store(), config)
-    try:
+    with open_storage(config.require_store(), config) as store:
         return _verify(config, store, keyring, deep)
-    finally:
-        if own:
-            store.close()
 
 
 def _verify(config: Config, storage: Storage, keyring: Keyring, deep: bool) -> VerifyReport:
@@ -712,7 +719,7 @@ def _verify(config: Config, storage: Storage, keyring: Keyring, deep: bool) -> V
                           "decryption key is configured",
                           hint="run it where the private key (or the secret key) is configured;"
                           " without --deep, verify needs only the public key")
-    verifier = _Verifier(config, storage, keyring, deep)
+    verifier = _Verifier(storage, keyring, deep)
     identity = read_identity(storage)
     backup_objects = verifier.backup_objects()
     infos: list[BackupInfo] = []
@@ -807,7 +814,6 @@ def _verify(config: Config, storage: Storage, keyring: Keyring, deep: bool) -> V
 
 def _position(name: str, segment_size: int) -> tuple[int, int]:
     try:
-        seg, offset = wal.parse_backup_name(name)
+        return _backup_position(name, segment_size)
     except ValueError:
         return (0, 0)
-    return seg.timeline, seg.segno(segment_size) * segment_size + offset

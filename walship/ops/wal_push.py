@@ -9,7 +9,6 @@ and recorded in the spool, so PostgreSQL's later calls for them return at once.
 
 from __future__ import annotations
 
-import mmap
 import os
 import tempfile
 import time
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from walship import layout, log, spool, walrecords
+from walship import layout, log, spool
 from walship.config import Config
 from walship.errors import (
     AlreadyExists,
@@ -206,6 +205,12 @@ def _commit_metadata(fh: BinaryIO, size: int) -> dict[str, str]:
     walrecords reads only the pages it needs: a median 0.02 ms per busy pgbench segment, one
     forward walk (5-15 ms) for a segment without a commit (benchmarks/walrecords.py).
     """
+    # Here, not at the top: a wal-push that the background pusher already served never
+    # scans a segment and should not pay for these imports.
+    import mmap
+
+    from walship import walrecords
+
     metadata = {META_COMMIT_SCAN: COMMIT_SCAN_VERSION}
     if size <= 0:
         return metadata

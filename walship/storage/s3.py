@@ -216,6 +216,13 @@ def _read_part(source: BinaryIO, size: int) -> bytes | bytearray:
     return buffer
 
 
+def _object_info(key: str, response: Mapping[str, Any]) -> ObjectInfo:
+    """ObjectInfo from a HeadObject or GetObject answer (both carry the same headers)."""
+    modified = response.get("LastModified")
+    return ObjectInfo(key, int(response["ContentLength"]), dict(response.get("Metadata", {})),
+                      modified.timestamp() if modified is not None else None)
+
+
 class S3Storage(Storage):
     """One bucket and prefix. Thread-safe: boto3 clients are, and the rest is immutable."""
 
@@ -606,39 +613,30 @@ class S3Storage(Storage):
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self._full(key))
         except Exception as exc:
-            error = translate(exc, action, self.bucket)
-            if isinstance(error, ObjectNotFound) and not (
-                isinstance(exc, bex.ClientError) and _client_error_code(exc)[0] == "NoSuchKey"
-            ):
-                # A bare 404 (a store or proxy that sends no error body) could be a missing
-                # bucket: ask, as stat does, rather than report the end of the archive.
-                self._check_bucket(action)
-            raise error from exc
-        size = int(response["ContentLength"])
-        modified = response.get("LastModified")
-        info = ObjectInfo(key, size, dict(response.get("Metadata", {})),
-                          modified.timestamp() if modified is not None else None)
-        return info, cast(BinaryIO, _Body(response["Body"], size, self._where(key)))
+            raise self._lookup_error(exc, action) from exc
+        info = _object_info(key, response)
+        return info, cast(BinaryIO, _Body(response["Body"], info.size, self._where(key)))
 
     def stat(self, key: str) -> ObjectInfo:
-        """HeadObject. A 404 is checked against the bucket so that a missing bucket is not
-        mistaken for a missing object (which wal-fetch would report as "end of archive")."""
+        """HeadObject (a 404 is checked against the bucket: _lookup_error)."""
         full = self._full(key)
         action = f"stat {self._where(key)}"
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=full)
         except Exception as exc:
-            error = translate(exc, action, self.bucket)
-            if isinstance(error, ObjectNotFound):
-                self._check_bucket(action)
-            raise error from exc
-        modified = head.get("LastModified")
-        return ObjectInfo(
-            key,
-            int(head["ContentLength"]),
-            dict(head.get("Metadata", {})),
-            modified.timestamp() if modified is not None else None,
-        )
+            raise self._lookup_error(exc, action) from exc
+        return _object_info(key, head)
+
+    def _lookup_error(self, exc: Exception, action: str) -> WalshipError:
+        """translate(), except that a 404 which does not say NoSuchKey is checked against
+        the bucket first: a HEAD's 404 has no body, and a proxy may drop a GET's, so it could
+        be a missing bucket, which wal-fetch must not take for the end of the archive."""
+        error = translate(exc, action, self.bucket)
+        if isinstance(error, ObjectNotFound) and not (
+            isinstance(exc, bex.ClientError) and _client_error_code(exc)[0] == "NoSuchKey"
+        ):
+            self._check_bucket(action)
+        return error
 
     def _check_bucket(self, action: str) -> None:
         try:
